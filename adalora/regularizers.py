@@ -1,0 +1,45 @@
+"""Orthogonality regularizer R(P, Q) as a pure function over the adapters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .layers import AdapterLayer, SVDLinear
+
+
+def _gram_dev(m: torch.Tensor) -> torch.Tensor:
+    gram = m @ m.T  # (r, r)
+    return gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
+
+
+def orthogonal_regularization(adapters: Mapping[str, AdapterLayer] | Iterable[AdapterLayer],
+                              form: str = "reference", include_pruned: bool = False) -> torch.Tensor:
+    """R = penalty on Q Qᵀ − I and Pᵀ P − I over every SVD adapter of rank > 0.
+
+    form="reference" (default, the authors' code and PEFT): mean over all A and B matrices of ‖·‖_F.
+    form="paper": sum over all matrices of ‖·‖_F², as written in the paper.
+    Returns a 0-dim tensor (0 when there is no SVD adapter, e.g. plain LoRA).
+
+    Once the allocator has frozen the pattern (final phase), the penalty covers the kept triplets
+    only, so that compaction changes nothing. ``include_pruned=True`` keeps the pruned rows of Q and
+    columns of P in it, as the reference code and PEFT do.
+    """
+    if form not in ("reference", "paper"):
+        raise ValueError(f"orthogonal_regularization(form={form!r}): use 'reference' or 'paper'")
+    layers = adapters.values() if isinstance(adapters, Mapping) else adapters
+    terms = []
+    for layer in layers:
+        if not isinstance(layer, SVDLinear):
+            continue
+        a, b = layer.lora_A, layer.lora_B  # (r, in), (out, r)
+        if layer.rank_keep is not None and not include_pruned:  # final phase: the pruned triplets are gone
+            a, b = a.index_select(0, layer.rank_keep), b.index_select(1, layer.rank_keep)
+        if a.shape[0] > 0:
+            for dev in (_gram_dev(a), _gram_dev(b.T)):
+                terms.append(dev.square().sum() if form == "paper" else torch.linalg.matrix_norm(dev))
+    if not terms:
+        return torch.zeros(())
+    total = torch.stack(terms)
+    return total.sum() if form == "paper" else total.mean()

@@ -1,0 +1,333 @@
+"""train(cfg) -> metrics: the one readable training loop.
+
+Per optimizer step, in this order (the reference call order):
+    lr -> forward -> loss + γ·R -> backward (x grad_accum) -> clip -> optimizer.step
+    -> allocator.step(t) -> zero_grad -> eval / log / checkpoint
+t counts optimizer steps from 1, also under gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..allocator import RankAllocator
+from ..checkpoint import save_adapter
+from ..config import AdaLoRAConfig, ConfigError
+from ..inject import count_trainable, inject_adapters
+from ..layers import AdapterLayer
+from ..regularizers import orthogonal_regularization
+from .runlog import RunLog, write_json
+from .schema import RunConfig, build_method_config
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int, kind: str) -> float:
+    """Learning rate for optimizer step ``step`` (from 1): linear warmup, then linear / cosine / constant."""
+    if warmup > 0 and step <= warmup:
+        return base_lr * step / warmup
+    if kind == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if kind == "linear":
+        return base_lr * max(0.0, 1.0 - progress)
+    raise ConfigError(f"optim.schedule={kind!r}: use linear, cosine or constant")
+
+
+@dataclass
+class Workload:
+    """What the loop needs from a task: a model, batches, a loss and an evaluation."""
+
+    model: nn.Module
+    batches_per_epoch: int
+    epoch_batches: Callable[[int], Iterator]  # epoch -> iterator over that epoch's batches
+    loss_fn: Callable[[nn.Module, object], torch.Tensor]
+    evaluate: Callable[[nn.Module], dict]
+    main_metric: str
+    higher_is_better: bool
+    planted: dict | None = None
+
+
+def _to_device(batch, device):
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def glue_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Workload:
+    from .data import GLUE_TASKS, load_task, make_loader, tokenize
+    from .metrics import MAIN_METRIC, compute_metrics
+    from .models import build_classifier, load_tokenizer
+
+    task = cfg.task.name
+    if task not in GLUE_TASKS:
+        raise ConfigError(f"task.name={task!r}: expected one of {sorted(GLUE_TASKS)} or planted_rank")
+    data_dir = cfg.task.data_dir
+    if data_dir is None and not cfg.task.hub:
+        data_dir = str(REPO_ROOT.parent / "shared" / "data" / "glue")
+    train_ex = load_task(task, data_dir, "train", cfg.task.max_train_examples, hub=cfg.task.hub)
+    dev_ex = load_task(task, data_dir, "dev", cfg.task.max_eval_examples, hub=cfg.task.hub)
+    spec = GLUE_TASKS[task]
+    if spec.num_labels > 1:
+        bad = sorted({e.label for e in train_ex + dev_ex} - set(range(spec.num_labels)))
+        if bad:
+            raise ConfigError(f"task {task}: labels {bad[:5]} do not fit num_labels={spec.num_labels}")
+    tokenizer = load_tokenizer(cfg.model)
+    cache = Path(os.environ.get("ADALORA_CACHE", REPO_ROOT / ".cache" / "tokenized"))
+    train_ds = tokenize(train_ex, tokenizer, cfg.task.max_length, cache)
+    dev_ds = tokenize(dev_ex, tokenizer, cfg.task.max_length, cache)
+    model = build_classifier(cfg.model, spec.num_labels, tokenizer).to(device)
+    pad = tokenizer.pad_token_id
+    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad)
+    dev_loader = make_loader(dev_ds, cfg.eval_batch_size, shuffle=False, seed=0, pad_id=pad, bucket=False)
+
+    def epoch_batches(epoch: int) -> Iterator:
+        train_loader.batch_sampler.set_epoch(epoch)
+        return iter(train_loader)
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        return m(**_to_device(batch, device)).loss
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> dict:
+        was = m.training
+        m.eval()
+        preds, labels, loss_sum = [], [], 0.0
+        for batch in dev_loader:
+            out = m(**_to_device(batch, device))  # logits: (B, C), or (B, 1) for regression
+            loss_sum += out.loss.item() * batch["labels"].shape[0]
+            preds.append(out.logits.float().cpu().numpy())
+            labels.append(batch["labels"].numpy())
+        m.train(was)
+        y = np.concatenate(labels)
+        res = compute_metrics(task, np.concatenate(preds), y)
+        res["eval_loss"] = loss_sum / len(y)
+        return res
+
+    return Workload(model, len(train_loader), epoch_batches, loss_fn, evaluate, MAIN_METRIC[task], True)
+
+
+def planted_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Workload:
+    from .planted import PlantedRankTask, make_planted_task
+
+    p = cfg.task.planted
+    task = make_planted_task(PlantedRankTask(dim=p.dim, hidden=p.hidden, n_blocks=p.n_blocks, planted=dict(p.planted),
+                                             delta_scale=p.delta_scale, n_train=p.n_train, n_eval=p.n_eval,
+                                             task_seed=p.task_seed))
+    model = task.new_base().to(device)
+    train_x, train_y = task.train_x.to(device), task.train_y.to(device)
+    eval_x, eval_y = task.eval_x.to(device), task.eval_y.to(device)
+    n, bs = train_x.shape[0], min(cfg.batch_size, train_x.shape[0])
+
+    def epoch_batches(epoch: int) -> Iterator:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order = f(seed, epoch): resumable
+        perm = torch.randperm(n, generator=g).to(device)
+        return ((train_x[perm[i:i + bs]], train_y[perm[i:i + bs]]) for i in range(0, n - bs + 1, bs))
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        x, y = batch  # (B, dim), (B, dim)
+        return F.mse_loss(m(x), y)
+
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> dict:
+        was = m.training
+        m.eval()
+        mse = F.mse_loss(m(eval_x), eval_y).item()
+        m.train(was)
+        return {"distill_loss": mse, "relative_error": mse / task.base_eval_mse}
+
+    return Workload(model, n // bs, epoch_batches, loss_fn, evaluate, "relative_error", False, planted=task.planted)
+
+
+def adapter_param_count(adapters: dict[str, AdapterLayer], ranks: dict[str, int]) -> int:
+    """Parameters of the adapters at the given kept ranks: r (in + out) for LoRA, r (in + out + 1) for SVD."""
+    total = 0
+    for n, a in adapters.items():
+        per_rank = a.in_features + a.out_features + (1 if hasattr(a, "lora_E") else 0)
+        total += ranks[n] * per_rank
+    return total
+
+
+# ---------------------------------------------------------------------------------------------- train
+def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Run one training job described by ``cfg``; write the run folder; return the summary dict."""
+    run_dir = Path(run_dir or Path("outputs") / f"{cfg.task.name}_{cfg.method.name}_seed{cfg.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    import yaml
+
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed, cfg.deterministic)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if cfg.device == "auto" else cfg.device))
+
+    # ---- data, model, adapters (every config error surfaces here, before any step)
+    planted = cfg.task.name == "planted_rank"
+    if planted != (cfg.model.kind == "resmlp"):
+        raise ConfigError(f"task={cfg.task.name} with model.kind={cfg.model.kind}: the planted_rank task uses "
+                          "model=resmlp, GLUE tasks a text model (minilm, tiny_bert, tiny_gpt2, hub)")
+    work = planted_workload(cfg, run_dir, device) if planted else glue_workload(cfg, run_dir, device)
+    model = work.model
+    accum = max(1, cfg.grad_accum)
+    steps_per_epoch = max(1, work.batches_per_epoch // accum)
+    total_steps = cfg.max_steps if cfg.max_steps else max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    mcfg = build_method_config(cfg.method, cfg.model, total_steps)
+    adapters = inject_adapters(model, mcfg) if mcfg is not None else {}
+    if mcfg is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    allocator = RankAllocator(adapters, mcfg) if isinstance(mcfg, AdaLoRAConfig) else None
+    gamma = mcfg.orth_reg_weight if isinstance(mcfg, AdaLoRAConfig) and mcfg.adapter == "svd" else 0.0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = count_trainable(model)
+    o = cfg.optim
+    if o.name != "adamw":
+        raise ConfigError(f"optim.name={o.name!r}: only adamw is provided")
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    warmup = int(round(o.warmup_ratio * total_steps))
+
+    log = RunLog(run_dir, cfg.logger, dataclasses.asdict(cfg))
+    init_ranks = {n: a.r for n, a in adapters.items()}
+    summary = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "target_r": cfg.method.target_r,
+               "seed": cfg.seed, "main_metric": work.main_metric, "higher_is_better": work.higher_is_better,
+               "trainable_params": n_trainable, "total_steps": total_steps, "run_dir": str(run_dir)}
+    write_json(run_dir / "summary.json", summary)
+    if work.planted is not None:
+        write_json(run_dir / "planted_ranks.json", work.planted)
+    if adapters:
+        log.log_ranks(0, sum(init_ranks.values()), init_ranks)
+
+    best: dict = {}
+    last_eval: dict = {}
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc=f"{cfg.task.name}/{cfg.method.name}", dynamic_ncols=True)
+    eval_every = cfg.eval_every or steps_per_epoch
+    try:
+        model.train()
+        step, epoch, loss_ema = 0, 0, None
+        batches = work.epoch_batches(epoch)
+        while step < total_steps:
+            t = step + 1
+            lr = lr_at(t, total_steps, o.lr, warmup, o.schedule)  # 1. lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            task_loss_sum = 0.0
+            for _ in range(accum):
+                batch = next(batches, None)
+                if batch is None:  # epoch boundary
+                    epoch += 1
+                    batches = work.epoch_batches(epoch)
+                    batch = next(batches)
+                task_loss = work.loss_fn(model, batch)  # 2. forward
+                loss = task_loss
+                if gamma > 0:  # 3. loss + γ·R
+                    loss = loss + gamma * orthogonal_regularization(adapters, mcfg.orth_reg_form)
+                (loss / accum).backward()  # 4. backward
+                task_loss_sum += task_loss.item()
+            if not math.isfinite(task_loss_sum):
+                raise FloatingPointError(f"non-finite training loss at step {t} (lr={lr:.3g}); lower optim.lr "
+                                         "or set optim.max_grad_norm")
+            if o.max_grad_norm:  # 5. clip
+                torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
+            optimizer.step()  # 6. optimizer step
+            info = allocator.step(t) if allocator is not None else None  # 7. allocator (optimizer-step counter)
+            optimizer.zero_grad(set_to_none=False)  # 8. zero_grad (keeps the allocator's flat grad views)
+            step = t
+            if allocator is not None and info.masked and (info.phase != "final" or t == mcfg.total_steps - mcfg.tfinal):
+                log.log_ranks(t, info.budget, allocator.rank_pattern())
+            if allocator is not None and info.phase == "final" and cfg.method.compact and not allocator.compacted:
+                allocator.compact(optimizer)  # from here on FLOPs and optimizer state are the final budget's
+                trainable = [p for p in model.parameters() if p.requires_grad]
+            # 9. eval / log / checkpoint
+            train_loss = task_loss_sum / accum
+            loss_ema = train_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * train_loss
+            budget = info.budget if info is not None else sum(init_ranks.values())
+            if t % cfg.log_every == 0 or t == total_steps:
+                log.log({"step": t, "split": "train", "epoch": epoch, "loss": train_loss, "lr": lr, "budget": budget})
+            if t % eval_every == 0 or t == total_steps:
+                last_eval = work.evaluate(model)
+                log.log({"step": t, "split": "eval", "budget": budget, **last_eval})
+                m = last_eval[work.main_metric]
+                if not best or (m > best[work.main_metric]) == work.higher_is_better and m != best[work.main_metric]:
+                    best = {**last_eval, "step": t}
+            if bar is not None:
+                bar.update(1)
+                post = {"loss": f"{loss_ema:.4f}", "budget": budget}
+                if last_eval:
+                    post[work.main_metric] = f"{last_eval[work.main_metric]:.4f}"
+                bar.set_postfix(post, refresh=False)
+    except BaseException as e:
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - t_start)
+        write_json(run_dir / "summary.json", summary)
+        log.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # ---- final artefacts
+    ranks = allocator.rank_pattern() if allocator is not None else init_ranks
+    if adapters:
+        log.log_ranks(total_steps, sum(ranks.values()), ranks)
+    final = dict(last_eval)
+    if work.planted is not None and adapters:
+        from .planted import rank_recovery
+
+        final.update(rank_recovery(ranks, work.planted))
+    write_json(run_dir / "rank_pattern.json", ranks)
+    if mcfg is not None:
+        save_adapter(run_dir / "adapter", model, mcfg, allocator)
+    else:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+    summary.update(status="completed", final=final, best=best or final, final_budget=sum(ranks.values()),
+                   adapter_params=adapter_param_count(adapters, ranks), init_budget=sum(init_ranks.values()),
+                   wall_time_s=time.time() - t_start, error=None)
+    _figures(run_dir, ranks, work.planted, log)
+    write_json(run_dir / "summary.json", summary)
+    log.close(summary)
+    return summary
+
+
+def _figures(run_dir: Path, ranks: dict, planted: dict | None, log: RunLog) -> None:
+    if not ranks:
+        return
+    import json
+
+    from .plots import rank_heatmap, rank_history_plot
+
+    fig_dir = run_dir / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    heat = rank_heatmap(ranks, fig_dir / "rank_heatmap.png", title="kept rank per module", planted=planted)
+    history = [json.loads(line) for line in (run_dir / "rank_history.jsonl").read_text().splitlines() if line]
+    if history:
+        rank_history_plot(history, fig_dir / "rank_history.png")
+    log.log_image("rank_heatmap", heat)

@@ -1,0 +1,56 @@
+"""Hydra entry point: compose conf/, convert to dataclasses, call adalora.train.loop.train.
+
+    python experiments/train.py model=minilm task=rte method=adalora method.target_r=2
+    python experiments/train.py -m method=lora,adalora method.target_r=2,4 seed=0,1 debug=fast
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from adalora.train.loop import train  # noqa: E402
+from adalora.train.schema import (  # noqa: E402
+    LoggerConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TaskConfig,
+)
+
+cs = ConfigStore.instance()
+cs.store(name="train_schema", node=RunConfig)
+cs.store(group="model", name="model_schema", node=ModelConfig)
+cs.store(group="task", name="task_schema", node=TaskConfig)
+cs.store(group="method", name="method_schema", node=MethodConfig)
+cs.store(group="optim", name="optim_schema", node=OptimConfig)
+cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def to_dataclass(cfg: DictConfig) -> RunConfig:
+    """The composed config as plain dataclasses (what the library takes)."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    run_cfg = to_dataclass(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = train(run_cfg, run_dir)
+    value = summary.get("final", {}).get(summary["main_metric"])
+    return float(value) if value is not None else None  # for sweepers that optimise (optuna)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_SILENT", "true")
+    main()

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny random transformers models (built from configs, never downloaded) and MLPs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core box oversubscribed
+# threads make each step ~10x slower; one thread keeps the suite fast and deterministic.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state, so it is reproducible on its own."""
+    torch.manual_seed(0)
+
+
+def _bert(seed: int = 0, num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def _gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _mlp(seed: int = 0, n_in: int = 8, hidden: int = 16, n_out: int = 4):
+    """nn.Sequential(Linear, ReLU, Linear): target modules "0" and "2"."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
+
+
+def _deep_mlp(seed: int = 0):
+    """Four linears "0", "2", "4", "6" where "0" and "6" share a shape but are not neighbours,
+    so the allocator's shape-grouped order (0, 6, 2, 4) differs from the module order."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(),
+                         nn.Linear(8, 8))
+
+
+@pytest.fixture
+def make_bert():
+    """Builder ``make_bert(seed=0)``: the same seed gives the same base weights."""
+    return _bert
+
+
+@pytest.fixture
+def make_gpt2():
+    return _gpt2
+
+
+@pytest.fixture
+def make_mlp():
+    return _mlp
+
+
+@pytest.fixture
+def make_deep_mlp():
+    return _deep_mlp
+
+
+@pytest.fixture
+def tiny_bert():
+    return _bert()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return _gpt2()
+
+
+@pytest.fixture
+def mlp():
+    return _mlp()
+
+
+@pytest.fixture
+def bert_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (4, 10), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 1, 0])}
+
+
+@pytest.fixture
+def gpt2_batch():
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 100, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def mlp_batches(n: int, n_in: int = 8, n_out: int = 4, batch: int = 16, seed: int = 3):
+    """A fixed list of (x, y) regression batches; the same seed gives the same data."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, n_in, generator=g), torch.randn(batch, n_out, generator=g)) for _ in range(n)]
+
+
+@pytest.fixture
+def batches():
+    """``batches(n, n_in=8, n_out=4)``: deterministic regression data for the MLPs."""
+    return mlp_batches

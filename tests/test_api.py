@@ -1,0 +1,97 @@
+"""The public API snippet, as written in the issue, on a tiny BERT classifier, an MLP and GPT-2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import adalora
+from adalora import AdaLoRAConfig, LoRAConfig, RankAllocator, inject_adapters, orthogonal_regularization
+
+
+def _snippet_cfg(targets):
+    return AdaLoRAConfig(init_r=12, target_r=8, lora_alpha=16, lora_dropout=0.0,
+                         target_modules=targets, tinit=10, tfinal=20, delta_t=5,
+                         beta1=0.85, beta2=0.85, orth_reg_weight=0.1, total_steps=200)
+
+
+def _run_snippet(model, cfg, task_loss_fn, n_modules):
+    adapters = inject_adapters(model, cfg)  # {module name: adapter module}, base frozen
+    assert len(adapters) == n_modules
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n
+               and not any(n.startswith(m) for m in cfg.modules_to_save))
+    allocator = RankAllocator(adapters, cfg)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    losses, budgets = [], []
+    for global_step in range(1, cfg.total_steps + 1):
+        task_loss = task_loss_fn(model, global_step)
+        loss = task_loss + cfg.orth_reg_weight * orthogonal_regularization(adapters)
+        loss.backward()
+        optimizer.step()
+        info = allocator.step(global_step)  # after optimizer.step(), before zero_grad()
+        optimizer.zero_grad()
+        pattern = allocator.rank_pattern()  # {module name: kept rank}
+        if info.masked:
+            assert sum(pattern.values()) == info.budget
+        losses.append(task_loss.item())
+        budgets.append(info.budget)
+    pattern = allocator.rank_pattern()
+    assert list(pattern) == list(adapters)
+    assert sum(pattern.values()) == cfg.target_r * n_modules
+    assert budgets[0] == cfg.init_r * n_modules and budgets[-1] == cfg.target_r * n_modules
+    assert all(b1 >= b2 for b1, b2 in zip(budgets, budgets[1:]))
+    return adapters, allocator, losses
+
+
+def test_public_api_on_bert_sequence_classification(make_bert):
+    """The snippet's config exactly as written (no modules_to_save: the random head stays frozen)."""
+    model = make_bert(0)
+    head = model.classifier.weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (8, 12), generator=g)
+    labels = (ids[:, 0] % 2).long()
+    _, _, losses = _run_snippet(model, _snippet_cfg(["query", "value"]),
+                                lambda m, t: m(input_ids=ids, labels=labels).loss, 4)
+    assert torch.equal(model.classifier.weight, head)
+    assert min(losses[-10:]) < losses[0]
+
+
+def test_public_api_on_plain_mlp(make_mlp):
+    model = make_mlp(0, n_in=16, hidden=32, n_out=4)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 16, generator=g)
+    y = torch.randn(32, 4, generator=g)
+    _, _, losses = _run_snippet(model, _snippet_cfg(["0", "2"]), lambda m, t: F.mse_loss(m(x), y), 2)
+    assert losses[-1] < losses[0]
+
+
+def test_gpt2_c_attn_conv1d_with_the_allocator(make_gpt2, gpt2_batch):
+    model = make_gpt2(0)
+    cfg = AdaLoRAConfig(init_r=6, target_r=2, target_modules=["c_attn"], tinit=3, tfinal=5, delta_t=2,
+                        total_steps=20)
+    adapters = inject_adapters(model, cfg)
+    allocator = RankAllocator(adapters, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for t in range(1, 21):
+        loss = model(**gpt2_batch).loss
+        (loss + cfg.orth_reg_weight * orthogonal_regularization(adapters)).backward()
+        opt.step()
+        allocator.step(t)
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(allocator.rank_pattern().values()) == 2 * 2
+    assert losses[-1] < losses[0]
+
+
+def test_lora_baseline_api(make_mlp):
+    model = make_mlp(0)
+    adapters = inject_adapters(model, LoRAConfig(r=4, target_modules=["0", "2"]))
+    assert orthogonal_regularization(adapters).item() == 0.0  # nothing to regularize for plain LoRA
+    assert adalora.count_trainable(model) == 4 * (8 + 16) + 4 * (16 + 4)
+
+
+def test_public_names_are_exported():
+    for name in adalora.__all__:
+        assert hasattr(adalora, name), name
+    assert adalora.__version__

@@ -1,0 +1,95 @@
+"""Every config composes, converts to the dataclass schema, and typos fail at composition."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+from adalora.train.schema import RunConfig, build_method_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("adalora_train_entry", ROOT / "experiments" / "train.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # registers the schemas in Hydra's ConfigStore
+    return mod
+
+
+ENTRY = _load_train_module()
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
+    return ENTRY.to_dataclass(cfg)
+
+
+CASES = (
+    [[f"model={m}"] + (["model.path=bert-base-uncased"] if m == "hub" else [])
+     + (["task=planted_rank"] if m == "resmlp" else []) for m in options("model")]
+    + [[f"task={t}"] + (["model=resmlp"] if t == "planted_rank" else []) for t in options("task")]
+    + [[f"method={m}"] for m in options("method")]
+    + [[f"optim={o}"] for o in options("optim")]
+    + [[f"logger={lg}"] for lg in options("logger")]
+    + [[f"debug={d}"] for d in options("debug")]
+    + [[f"experiment={e}"] for e in options("experiment")]
+)
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: " ".join(o))
+def test_every_config_composes(overrides):
+    run = compose_run(overrides)
+    assert isinstance(run, RunConfig)
+    # the method converts to a library config for a plausible number of steps
+    lib = build_method_config(run.method, run.model, total_steps=100)
+    assert (lib is None) == (run.method.kind == "full")
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_budget_key_on_every_method(method):
+    """`method=lora,adalora method.target_r=2,4` sweeps need target_r on every method."""
+    run = compose_run([f"method={method}", "method.target_r=4"])
+    assert run.method.target_r == 4
+
+
+def test_seed_zero_is_kept():
+    assert compose_run(["seed=0"]).seed == 0
+
+
+@pytest.mark.parametrize("bad", ["method.target_rnk=4", "method.target_r=four", "optim.lr=fast", "epochs=[1]",
+                                 "method=adalora_typo", "task.max_lenght=3"])
+def test_typos_fail_at_composition(bad):
+    with pytest.raises((ConfigCompositionException, OmegaConfBaseException)):
+        compose_run([bad])
+
+
+def test_launcher_presets_compose():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for launcher in ("joblib", "parallel", "slurm"):
+            cfg = compose(config_name="train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert "launcher" in cfg.hydra
+    assert cfg.hydra.launcher.array_parallelism == 64  # the slurm preset's own knob
+
+
+def test_fractional_schedule_never_invalid():
+    """tinit/tfinal as fractions: changing the length of training keeps the schedule valid."""
+    run = compose_run(["method=adalora"])
+    for steps in (10, 100, 10_000):
+        lib = build_method_config(run.method, run.model, total_steps=steps)
+        assert lib.tinit + lib.tfinal < steps
+        assert lib.init_r == round(1.5 * run.method.target_r)

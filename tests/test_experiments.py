@@ -1,0 +1,160 @@
+"""Every task, method and experiment preset runs a few steps and leaves a complete run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from glue_fixtures import FOLDERS, make_glue_dir
+from test_configs import ROOT, compose_run, options
+
+from adalora.train.loop import train
+
+SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
+RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "rank_pattern.json", "rank_history.jsonl",
+             "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "figures/rank_heatmap.png",
+             "figures/rank_history.png"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADALORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def fixture_glue(tmp_path_factory) -> Path:
+    return make_glue_dir(tmp_path_factory.mktemp("glue"))
+
+
+def run(overrides: list[str], run_dir: Path) -> dict:
+    cfg = compose_run(["debug=fast", "logger=none"] + overrides)  # later overrides win
+    return train(cfg, run_dir)
+
+
+def check_run_folder(run_dir: Path, adaptive: bool = True) -> dict:
+    for f in RUN_FILES:
+        assert (run_dir / f).is_file(), f"{f} missing in {run_dir}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["trainable_params"] > 0
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {m["split"] for m in metrics} == {"train", "eval"}
+    assert all("budget" in m for m in metrics)
+    ranks = json.loads((run_dir / "rank_pattern.json").read_text())
+    assert sum(ranks.values()) == summary["final_budget"]
+    if adaptive:
+        history = [json.loads(line) for line in (run_dir / "rank_history.jsonl").read_text().splitlines()]
+        assert history[0]["budget"] == summary["init_budget"]
+        assert history[-1]["budget"] == summary["final_budget"] == sum(history[-1]["ranks"].values())
+    return summary
+
+
+@pytest.mark.parametrize("task", ["rte", "mrpc", "sst2"])
+def test_shared_glue_tasks_run(task, tmp_path):
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    s = run(["model=tiny_bert", f"task={task}", "method=adalora", "method.target_r=2"], tmp_path / "run")
+    check_run_folder(tmp_path / "run")
+    assert 0.0 <= s["final"]["accuracy"] <= 1.0
+    assert s["final_budget"] == 2 * 12  # 6 matrix types x 2 layers, average rank 2
+
+
+@pytest.mark.parametrize("task", sorted(FOLDERS))
+def test_fixture_glue_tasks_run(task, tmp_path, fixture_glue):
+    s = run(["model=tiny_bert", f"task={task}", f"task.data_dir={fixture_glue}", "method=adalora",
+             "method.target_r=2"], tmp_path / "run")
+    check_run_folder(tmp_path / "run")
+    expected = {"cola": "matthews", "stsb": "pearson", "qnli": "accuracy", "mnli": "accuracy", "qqp": "accuracy"}
+    assert s["main_metric"] == expected[task]
+    assert expected[task] in s["final"]
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_every_method_runs(method, tmp_path):
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    run_dir = tmp_path / "run"
+    s = run(["model=tiny_bert", "task=rte", f"method={method}", "method.target_r=2"], run_dir)
+    if method == "full":
+        assert s["status"] == "completed" and (run_dir / "model.pt").is_file()
+        return
+    check_run_folder(run_dir, adaptive=method not in ("lora", "svd_lora"))
+    ranks = json.loads((run_dir / "rank_pattern.json").read_text())
+    assert sum(ranks.values()) == 2 * len(ranks)  # every method meets the same final budget
+
+
+def test_gpt2_conv1d_runs(tmp_path):
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    run(["model=tiny_gpt2", "task=rte", "method=adalora", "method.target_r=2"], tmp_path / "run")
+    summary = check_run_folder(tmp_path / "run")
+    assert summary["final_budget"] == 2 * 8  # 4 Conv1D types x 2 layers
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_experiment_preset_runs(preset, tmp_path):
+    if preset != "planted_rank" and not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    run([f"experiment={preset}"], tmp_path / "run")
+    check_run_folder(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_multirun_sweep_and_summary(tmp_path):
+    """`-m method=lora,adalora method.target_r=2,4 seed=0,1 debug=fast` runs 8 jobs; summarize makes one table."""
+    sweep = tmp_path / "multirun"
+    env = {**os.environ, "ADALORA_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "-m", "method=lora,adalora",
+           "method.target_r=2,4", "seed=0,1", "debug=fast", "model=tiny_bert", "logger=none",
+           f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+    summaries = sorted(sweep.rglob("summary.json"))
+    assert len(summaries) == 8
+    assert all(json.loads(p.read_text())["status"] == "completed" for p in summaries)
+    out = subprocess.run([sys.executable, str(ROOT / "experiments" / "summarize.py"), str(sweep)], check=True,
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    table = (sweep / "summary.md").read_text()
+    for method in ("lora", "adalora"):
+        assert method in table
+    assert (sweep / "summary.csv").is_file() and (sweep / "comparison.png").is_file()
+    assert "adalora" in out.stdout
+
+
+def test_wandb_offline_logs_inside_run_folder(tmp_path, monkeypatch):
+    """logger=wandb writes an offline run inside the run folder and never asks for a login."""
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    run_dir = tmp_path / "run"
+    run(["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2", "logger=wandb"], run_dir)
+    check_run_folder(run_dir)
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1, list((run_dir / "wandb").iterdir())
+    assert any(offline[0].rglob("*.wandb"))
+
+
+def test_compaction_on_off_same_losses(tmp_path):
+    """Compaction in the final phase is an optimisation only: same losses and metrics (with γ > 0 and clipping)."""
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    losses = {}
+    for compact in (True, False):
+        run_dir = tmp_path / f"compact={compact}"
+        s = run(["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2", "max_steps=24",
+                 "log_every=1", "eval_every=12", "method.tfinal=0.5", "method.delta_t=2",
+                 "method.orth_reg_weight=0.3", "optim.max_grad_norm=0.5", f"method.compact={compact}"], run_dir)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[compact] = ([r["loss"] for r in rows if r["split"] == "train"], s)
+    (on, s_on), (off, s_off) = losses[True], losses[False]
+    assert len(on) == 24
+    assert on[:12] == off[:12]  # identical up to the final phase (step 12)
+    assert on == pytest.approx(off, rel=1e-5, abs=1e-7)  # and to float tolerance after compaction
+    assert s_on["final"]["eval_loss"] == pytest.approx(s_off["final"]["eval_loss"], rel=1e-5)
+    assert s_on["final_budget"] == s_off["final_budget"] == 24
+    assert s_on["adapter_params"] == s_off["adapter_params"]

@@ -1,0 +1,306 @@
+"""experiments/summarize.py on a fake Hydra multirun written by ``make_multirun`` (also used by test_notebook)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "summarize.py"
+
+
+def load_summarize():
+    if "adalora_summarize" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("adalora_summarize", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["adalora_summarize"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["adalora_summarize"]
+
+
+# ------------------------------------------------------------------------------------------- fake runs
+
+BERT = [f"bert.encoder.layer.{i}.{s}" for i in range(2)
+        for s in ("attention.self.query", "attention.self.value", "intermediate.dense")]
+MLP = [f"blocks.{i}.{s}" for i in range(2) for s in ("up", "down")]
+SEEDS = (0, 1, 2)
+
+# Main metric per (task, method, target_r), one value per seed.
+ACC = {("lora", 2): [0.60, 0.62, 0.64], ("lora", 4): [0.65, 0.66, 0.70],
+       ("adalora", 2): [0.70, 0.72, 0.74], ("adalora", 4): [0.75, 0.75, 0.78]}
+LOSS = {("lora", 2): [0.02, 0.03, 0.04], ("lora", 4): [0.012, 0.014, 0.016],
+        ("adalora", 2): [0.01234, 0.01334, 0.01434], ("adalora", 4): [0.005, 0.007, None]}  # seed 2 fails
+RECOVERY = {("lora", 2): [0.25] * 3, ("lora", 4): [0.25] * 3,
+            ("adalora", 2): [0.5, 0.6, 0.7], ("adalora", 4): [0.8, 0.9, None]}
+PLANTED = {"blocks.0.up": 4, "blocks.0.down": 1, "blocks.1.up": 0, "blocks.1.down": 3}
+
+
+def adalora_pattern(task: str, r: int, seed: int) -> dict:
+    """A seed-dependent pattern whose mean over seeds 0..2 is known (see ``expected_mean_pattern``)."""
+    names = BERT if task == "rte" else MLP
+    pat = {n: r for n in names}
+    pat[names[0]] = (1, 2, 4)[seed] + r  # mean r + 7/3
+    pat[names[1]] = r - 1 + (seed == 1)  # mean r - 2/3
+    pat[names[-1]] = 0
+    return pat
+
+
+def expected_mean_pattern(task: str, r: int, seeds=SEEDS) -> dict:
+    pats = [adalora_pattern(task, r, s) for s in seeds]
+    return {n: sum(p[n] for p in pats) / len(pats) for n in pats[0]}
+
+
+def write_run(folder: Path, *, task: str, method: str, target_r: int, seed: int, status: str | None = "completed",
+              final: dict | None = None, main_metric: str = "accuracy", higher_is_better: bool = True,
+              rank_pattern: dict | None = None, planted: dict | None = None, history: bool = False,
+              trainable_params: int = 1000, wall_time_s: float = 1.0, error: str | None = None) -> Path:
+    """One run folder in the contract's format; ``status=None`` writes no summary.json (a crashed run)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".hydra").mkdir(exist_ok=True)
+    cfg = (f"method:\n  name: {method}\n  target_r: {target_r}\n  init_r: {int(target_r * 1.5)}\n"
+           f"task:\n  name: {task}\nseed: {seed}\ntrain:\n  lr: 0.001\n")
+    (folder / "config.yaml").write_text(cfg)
+    (folder / ".hydra" / "config.yaml").write_text(cfg)
+    (folder / ".hydra" / "overrides.yaml").write_text(f"- method={method}\n- seed={seed}\n")
+    metrics = [{"step": s, "split": "train", "loss": 1.0 / s, "lr": 1e-3, "budget": 10} for s in (1, 2, 3)]
+    metrics.append({"step": 3, "split": "eval", "loss": 0.5, "lr": 1e-3, "budget": 10, main_metric: 0.5})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    if status is not None:
+        summary = {"status": status, "task": task, "method": method, "target_r": target_r, "seed": seed,
+                   "main_metric": main_metric, "final": final or {}, "best": final or {},
+                   "trainable_params": trainable_params, "adapter_params": trainable_params // 2,
+                   "final_budget": target_r * 4, "wall_time_s": wall_time_s, "error": error}
+        if not higher_is_better:
+            summary["higher_is_better"] = False
+        (folder / "summary.json").write_text(json.dumps(summary))
+    if rank_pattern is not None:
+        (folder / "rank_pattern.json").write_text(json.dumps(rank_pattern))
+    if planted is not None:
+        (folder / "planted_ranks.json").write_text(json.dumps(planted))
+    if history and rank_pattern is not None:
+        init = {n: int(target_r * 1.5) for n in rank_pattern}
+        lines = [{"step": 0, "budget": sum(init.values()), "ranks": init},
+                 {"step": 5, "budget": (sum(init.values()) + sum(rank_pattern.values())) // 2,
+                  "ranks": {n: (init[n] + v) // 2 for n, v in rank_pattern.items()}},
+                 {"step": 10, "budget": sum(rank_pattern.values()), "ranks": rank_pattern}]
+        (folder / "rank_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in lines))
+    (folder / "figures").mkdir(exist_ok=True)
+    (folder / "adapter").mkdir(exist_ok=True)
+    (folder / "adapter" / "config.yaml").write_text("not: a run\n")
+    return folder
+
+
+def make_multirun(root: Path) -> Path:
+    """2 tasks x 2 methods x 2 budgets x 3 seeds, one run with status "failed", one crashed run (no summary)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
+    for task in ("rte", "planted_rank"):
+        for method in ("lora", "adalora"):
+            for r in (2, 4):
+                for seed in SEEDS:
+                    folder = root / f"method.target_r={r},method={method},task={task}" / f"seed={seed}"
+                    names = BERT if task == "rte" else MLP
+                    pattern = adalora_pattern(task, r, seed) if method == "adalora" else {n: r for n in names}
+                    if task == "rte":
+                        write_run(folder, task=task, method=method, target_r=r, seed=seed,
+                                  final={"accuracy": ACC[method, r][seed], "loss": 0.5},
+                                  rank_pattern=pattern, history=(method == "adalora" and seed == 0),
+                                  trainable_params=1_000_000 + 1000 * r, wall_time_s=10.0 + seed)
+                        continue
+                    loss = LOSS[method, r][seed]
+                    if loss is None:
+                        write_run(folder, task=task, method=method, target_r=r, seed=seed, status="failed",
+                                  main_metric="distill_loss", higher_is_better=False,
+                                  error="RuntimeError: CUDA out of memory")
+                        continue
+                    write_run(folder, task=task, method=method, target_r=r, seed=seed,
+                              final={"distill_loss": loss, "rank_recovery": RECOVERY[method, r][seed],
+                                     "rank_spearman": 0.5},
+                              main_metric="distill_loss", higher_is_better=False, rank_pattern=pattern,
+                              planted=PLANTED, trainable_params=2000 * r, wall_time_s=2.0)
+    write_run(root / "method.target_r=2,method=lora,task=rte" / "seed=3", task="rte", method="lora", target_r=2,
+              seed=3, status=None)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def summarized(tmp_path_factory):
+    root = make_multirun(tmp_path_factory.mktemp("multirun"))
+    out = root / "report"
+    result = load_summarize().summarize(root, out_dir=out)
+    return root, out, result
+
+
+def test_collect_runs_finds_every_run_and_skips_hydra_folders(summarized):
+    root, _, result = summarized
+    runs = result["runs"]
+    assert len(runs) == 2 * 2 * 2 * 3 + 1
+    assert not any(".hydra" in r["rel"] or "adapter" in r["rel"] for r in runs)
+    crashed = [r for r in runs if r["status"] == "incomplete"]
+    assert [(r["task"], r["method"], r["target_r"], r["seed"]) for r in crashed] == [("rte", "lora", 2, 3)]
+    assert "last logged step 3" in crashed[0]["error"]
+
+
+def _row(rows, task, method, r, metric):
+    (row,) = [x for x in rows if (x["task"], x["method"], x["target_r"], x["metric"]) == (task, method, r, metric)]
+    return row
+
+
+def test_means_and_sample_stds(summarized):
+    _, _, result = summarized
+    rows = result["rows"]
+    for (method, r), vals in ACC.items():
+        row = _row(rows, "rte", method, r, "accuracy")
+        mean = sum(vals) / 3
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / 2)
+        assert row["mean"] == pytest.approx(mean) and row["std"] == pytest.approx(std) and row["n"] == 3
+        assert row["is_main"] and row["higher_is_better"]
+    row = _row(rows, "planted_rank", "adalora", 4, "distill_loss")
+    assert (row["n"], row["higher_is_better"]) == (2, False)
+    assert row["mean"] == pytest.approx(0.006) and row["std"] == pytest.approx(math.sqrt(2) * 0.001)
+    row = _row(rows, "planted_rank", "adalora", 2, "rank_recovery")
+    assert not row["is_main"] and row["mean"] == pytest.approx(0.6) and row["std"] == pytest.approx(0.1)
+    assert _row(rows, "rte", "lora", 2, "accuracy")["trainable_params"] == 1_002_000
+    assert _row(rows, "rte", "lora", 2, "accuracy")["wall_time_s"] == pytest.approx(11.0)
+
+
+def test_markdown_table(summarized):
+    _, out, result = summarized
+    md = (out / "summary.md").read_text()
+    assert md == result["markdown"]
+    table = {line.split("|")[1].strip() + " " + line.split("|")[2].strip(): line
+             for line in result["table"].splitlines()[2:]}
+    assert list(table) == ["lora 2", "lora 4", "adalora 2", "adalora 4"]
+    # accuracy x100 with 2 decimals, sample std
+    assert "| 62.00 ± 2.00 |" in table["lora 2"]
+    assert "| 67.00 ± 2.65 |" in table["lora 4"]
+    assert "| 72.00 ± 2.00 |" in table["adalora 2"]
+    assert "| **76.00 ± 1.73** |" in table["adalora 4"]  # best rte accuracy in bold
+    # losses as-is, 4 significant digits; lower is better
+    assert "| 0.03 ± 0.01 |" in table["lora 2"]
+    assert "| 0.01334 ± 0.001 |" in table["adalora 2"]
+    assert "| **0.006 ± 0.001414** |" in table["adalora 4"]
+    # rank_recovery column, seeds, params, wall time
+    assert "| 60.00 ± 10.00 |" in table["adalora 2"] and "| 25.00 ± 0.00 |" in table["lora 2"]
+    assert "| 3 |" in table["lora 2"]
+    assert "rte: 3; planted_rank: 2" in table["adalora 4"]
+    assert "rte: 1.00M; planted_rank: 4.0k" in table["lora 2"]
+    assert "rte: 11.0; planted_rank: 2.0" in table["adalora 2"]
+    header = result["table"].splitlines()[0]
+    assert "rte accuracy ×100 ↑" in header and "planted_rank distill_loss ↓" in header
+    assert "planted_rank rank_recovery ×100" in header
+
+
+def test_single_seed_shows_n1(tmp_path):
+    root = tmp_path / "one"
+    write_run(root / "a", task="rte", method="lora", target_r=8, seed=0, final={"accuracy": 0.8123})
+    result = load_summarize().summarize(root, out_dir=tmp_path / "o")
+    assert "| 81.23 (n=1) |" in result["table"]
+    (row,) = result["rows"]
+    assert row["n"] == 1 and math.isnan(row["std"])
+    with open(tmp_path / "o" / "summary.csv") as f:
+        (rec,) = list(csv.DictReader(f))
+    assert rec["std"] == "" and rec["n"] == "1"
+
+
+def test_failed_runs_listed(summarized):
+    _, out, result = summarized
+    md = (out / "summary.md").read_text()
+    section = md.split("## Failed / incomplete runs")[1]
+    assert "method.target_r=2,method=lora,task=rte/seed=3" in section
+    assert "no summary.json" in section
+    assert "method.target_r=4,method=adalora,task=planted_rank/seed=2" in section
+    assert "CUDA out of memory" in section
+    assert len(result["failed"]) == 2
+
+
+def test_csv(summarized):
+    _, out, _ = summarized
+    with open(out / "summary.csv") as f:
+        recs = list(csv.DictReader(f))
+    assert list(recs[0])[:9] == ["task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params",
+                                 "wall_time_s"]
+    by = {(r["task"], r["method"], r["target_r"], r["metric"]): r for r in recs}
+    assert len([r for r in recs if r["is_main"] == "True"]) == 8
+    rec = by["rte", "lora", "4", "accuracy"]
+    assert float(rec["mean"]) == pytest.approx(0.67) and float(rec["std"]) == pytest.approx(math.sqrt(0.0007))
+    assert rec["n"] == "3"
+    rec = by["planted_rank", "adalora", "2", "distill_loss"]  # raw values, not x100
+    assert float(rec["mean"]) == pytest.approx(0.01334) and rec["higher_is_better"] == "False"
+    assert float(by["planted_rank", "lora", "4", "rank_recovery"]["mean"]) == pytest.approx(0.25)
+
+
+def test_figures(summarized):
+    _, out, result = summarized
+    files = result["files"]
+    assert Path(files["comparison"]) == out / "comparison.png"
+    assert (out / "comparison.png").stat().st_size > 5000
+    names = sorted(Path(p).name for p in files["heatmaps"])
+    assert names == sorted(f"rank_heatmap_{t}_adalora_r{r}.png" for t in ("rte", "planted_rank") for r in (2, 4))
+    for p in files["heatmaps"]:
+        assert Path(p).stat().st_size > 5000
+    assert "![comparison](comparison.png)" in result["markdown"]
+
+
+def test_aggregate_heatmap_values(summarized):
+    """The figure summarize draws holds the mean rank per module over seeds, the planted ranks beside it."""
+    from adalora.train import plots
+
+    summ = load_summarize()
+    _, _, result = summarized
+    group = [r for r in result["runs"] if (r["task"], r["method"], r["target_r"]) == ("planted_rank", "adalora", 4)
+             and r["status"] == "completed"]
+    mean = summ._mean_pattern([r["rank_pattern"] for r in group])
+    expected = expected_mean_pattern("planted_rank", 4, seeds=(0, 1))
+    assert mean == pytest.approx(expected)
+    fig = plots.rank_heatmap_figure(mean, planted=PLANTED)
+    planted_ax, learned_ax = fig.axes[:2]
+    # rows = types (up, down), columns = layers (0, 1)
+    assert [t.get_text() for t in planted_ax.texts] == ["4", "0", "1", "3"]
+    assert [t.get_text() for t in learned_ax.texts] == [
+        plots.format_rank(expected[n]) for n in ("blocks.0.up", "blocks.1.up", "blocks.0.down", "blocks.1.down")]
+    assert [t.get_text() for t in learned_ax.texts] == ["5.5", "4", "3.5", "0"]
+
+
+def test_cli_writes_into_multirun_dir(tmp_path, capsys):
+    root = tmp_path / "mr"
+    for seed in (0, 1):
+        write_run(root / f"method=adalora/seed={seed}", task="rte", method="adalora", target_r=2, seed=seed,
+                  final={"accuracy": 0.5 + 0.1 * seed}, rank_pattern=adalora_pattern("rte", 2, seed))
+    assert load_summarize().main([str(root), "--no-plots"]) == 0
+    assert "| adalora | 2 | 55.00 ± 7.07 |" in capsys.readouterr().out
+    assert (root / "summary.md").exists() and (root / "summary.csv").exists()
+    assert not (root / "comparison.png").exists()
+
+
+def test_cli_missing_dir_exits_nonzero(tmp_path):
+    target = tmp_path / "nope"
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(target)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(target) in lines[0] and "does not exist" in lines[0]
+
+
+def test_cli_dir_without_runs_exits_nonzero(tmp_path, capsys):
+    target = tmp_path / "empty"
+    (target / "sub" / ".hydra").mkdir(parents=True)
+    (target / "multirun.yaml").write_text("a: 1\n")
+    assert load_summarize().main([str(target)]) != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and str(target) in lines[0] and "no run folder" in lines[0]
+
+
+def test_summarize_raises_on_missing_dir(tmp_path):
+    summ = load_summarize()
+    with pytest.raises(summ.SummarizeError):
+        summ.summarize(tmp_path / "missing")
