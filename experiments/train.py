@@ -13,10 +13,13 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from adalora.config import ConfigError  # noqa: E402
+from adalora.train.data import DataError  # noqa: E402
 from adalora.train.loop import train  # noqa: E402
 from adalora.train.schema import (  # noqa: E402
     LoggerConfig,
@@ -42,11 +45,22 @@ def to_dataclass(cfg: DictConfig) -> RunConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
 
 
+USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_cfg = to_dataclass(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = train(run_cfg, run_dir)
+    try:
+        summary = train(run_cfg, run_dir)
+    except USER_ERRORS as e:
+        if run_cfg.traceback or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"adalora: error: {e}", file=sys.stderr, flush=True)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep records the failure (summary.json says why) and goes on with the other jobs
+        sys.exit(1)
     value = summary.get("final", {}).get(summary["main_metric"])
     return float(value) if value is not None else None  # for sweepers that optimise (optuna)
 

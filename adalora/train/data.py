@@ -884,4 +884,6 @@ def make_loader(
         drop_last=drop_last,
         bucket=bucket,
     )
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad_id), num_workers=0)
+    # A private generator: iterating must not draw from the global RNG (dropout's), or a resumed run diverges.
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=partial(collate, pad_id=pad_id), num_workers=0,
+                      generator=torch.Generator().manual_seed(seed))

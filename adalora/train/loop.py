@@ -23,11 +23,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..allocator import RankAllocator
-from ..checkpoint import save_adapter
+from ..checkpoint import atomic_write, save_adapter
 from ..config import AdaLoRAConfig, ConfigError
-from ..inject import count_trainable, inject_adapters
+from ..inject import count_trainable, inject_adapters, trainable_state_dict
 from ..layers import AdapterLayer
 from ..regularizers import orthogonal_regularization
+from .resume import (
+    fault_point,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_jsonl,
+)
 from .runlog import RunLog, write_json
 from .schema import RunConfig, build_method_config
 
@@ -64,7 +73,7 @@ class Workload:
 
     model: nn.Module
     batches_per_epoch: int
-    epoch_batches: Callable[[int], Iterator]  # epoch -> iterator over that epoch's batches
+    epoch_batches: Callable[[int, int], Iterator]  # (epoch, batches to skip) -> that epoch's batches
     loss_fn: Callable[[nn.Module, object], torch.Tensor]
     evaluate: Callable[[nn.Module], dict]
     main_metric: str
@@ -105,8 +114,8 @@ def glue_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Worklo
     train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad)
     dev_loader = make_loader(dev_ds, cfg.eval_batch_size, shuffle=False, seed=0, pad_id=pad, bucket=False)
 
-    def epoch_batches(epoch: int) -> Iterator:
-        train_loader.batch_sampler.set_epoch(epoch)
+    def epoch_batches(epoch: int, start: int = 0) -> Iterator:
+        train_loader.batch_sampler.set_epoch(epoch, start_batch=start)  # order = f(seed, epoch): resumable
         return iter(train_loader)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
@@ -143,10 +152,10 @@ def planted_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Wor
     eval_x, eval_y = task.eval_x.to(device), task.eval_y.to(device)
     n, bs = train_x.shape[0], min(cfg.batch_size, train_x.shape[0])
 
-    def epoch_batches(epoch: int) -> Iterator:
+    def epoch_batches(epoch: int, start: int = 0) -> Iterator:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order = f(seed, epoch): resumable
         perm = torch.randperm(n, generator=g).to(device)
-        return ((train_x[perm[i:i + bs]], train_y[perm[i:i + bs]]) for i in range(0, n - bs + 1, bs))
+        return ((train_x[perm[i:i + bs]], train_y[perm[i:i + bs]]) for i in range(start * bs, n - bs + 1, bs))
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         x, y = batch  # (B, dim), (B, dim)
@@ -173,14 +182,54 @@ def adapter_param_count(adapters: dict[str, AdapterLayer], ranks: dict[str, int]
 
 
 # ---------------------------------------------------------------------------------------------- train
+def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ, ignoring those that do not change the computation."""
+    ignore = {"progress", "logger", "resume", "keep_checkpoints", "checkpoint_every", "threads", "traceback"}
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if not prefix and k in ignore:
+            continue
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _config_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _find_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict] | None:
+    """``resume=PATH`` (a checkpoint file or a run folder), else this run folder's newest checkpoint."""
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if path.is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                raise ConfigError(f"resume={cfg.resume}: no readable checkpoint under {path / 'checkpoints'}")
+            return found
+        if not path.is_file():
+            raise ConfigError(f"resume={cfg.resume}: no such checkpoint file or run folder")
+        return path, load_checkpoint(path)
+    return latest_checkpoint(run_dir)
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
-    """Run one training job described by ``cfg``; write the run folder; return the summary dict."""
+    """Run one training job described by ``cfg``; write the run folder; return the summary dict.
+
+    If the run folder already holds checkpoints (a killed run), training resumes from the newest one.
+    """
     run_dir = Path(run_dir or Path("outputs") / f"{cfg.task.name}_{cfg.method.name}_seed{cfg.seed}")
     run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     import yaml
 
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    cfg_dict = dataclasses.asdict(cfg)
+    resume = _find_resume(cfg, run_dir)
+    if resume is not None:
+        diff = _config_diff(resume[1]["config"], cfg_dict)
+        if diff:
+            raise ConfigError(f"{resume[0]} was written by a run with another config ({'; '.join(diff[:5])}). "
+                              "Resume with the same config, or start in a new run folder (hydra.run.dir=...)")
+    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -204,37 +253,63 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
             p.requires_grad_(True)
     allocator = RankAllocator(adapters, mcfg) if isinstance(mcfg, AdaLoRAConfig) else None
     gamma = mcfg.orth_reg_weight if isinstance(mcfg, AdaLoRAConfig) and mcfg.adapter == "svd" else 0.0
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    init_ranks = {n: a.r for n, a in adapters.items()}
     n_trainable = count_trainable(model)
     o = cfg.optim
     if o.name != "adamw":
         raise ConfigError(f"optim.name={o.name!r}: only adamw is provided")
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     warmup = int(round(o.warmup_ratio * total_steps))
 
-    log = RunLog(run_dir, cfg.logger, dataclasses.asdict(cfg))
-    init_ranks = {n: a.r for n, a in adapters.items()}
+    # ---- resume: allocator first (it may compact), then weights, then the optimizer over the final tensors
+    step, epoch, consumed, loss_ema, best, last_eval, skipped = 0, 0, 0, None, {}, {}, 0
+    if resume is not None:
+        ckpt = resume[1]
+        if allocator is not None:
+            allocator.load_state_dict(ckpt["allocator"])
+        missing = set(ckpt["model"]) - set(model.state_dict())
+        if missing:
+            raise ConfigError(f"{resume[0]} holds tensors this model lacks ({sorted(missing)[:3]})")
+        model.load_state_dict(ckpt["model"], strict=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if resume is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        step, epoch, consumed = ckpt["step"], ckpt["epoch"], ckpt["consumed"]
+        loss_ema, best, last_eval, skipped = ckpt["loss_ema"], ckpt["best"], ckpt["last_eval"], ckpt["skipped"]
+        for name in ("metrics.jsonl", "rank_history.jsonl"):
+            truncate_jsonl(run_dir / name, step)
+        print(f"[adalora] resuming {run_dir} from step {step}/{total_steps} ({resume[0].name})", flush=True)
+
+    log = RunLog(run_dir, cfg.logger, cfg_dict, resume=resume is not None)
     summary = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "target_r": cfg.method.target_r,
                "seed": cfg.seed, "main_metric": work.main_metric, "higher_is_better": work.higher_is_better,
                "trainable_params": n_trainable, "total_steps": total_steps, "run_dir": str(run_dir)}
     write_json(run_dir / "summary.json", summary)
     if work.planted is not None:
         write_json(run_dir / "planted_ranks.json", work.planted)
-    if adapters:
+    if adapters and resume is None:
         log.log_ranks(0, sum(init_ranks.values()), init_ranks)
 
-    best: dict = {}
-    last_eval: dict = {}
+    def checkpoint(t: int) -> None:
+        if not all(torch.isfinite(p).all() for p in trainable):  # never save a NaN over a good checkpoint
+            raise FloatingPointError(f"non-finite weights at step {t}; no checkpoint written")
+        save_checkpoint(run_dir, {
+            "step": t, "epoch": epoch, "consumed": consumed, "config": cfg_dict,
+            "model": {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()},
+            "optimizer": optimizer.state_dict(), "allocator": allocator.state_dict() if allocator else None,
+            "rng": rng_state(), "loss_ema": loss_ema, "best": best, "last_eval": last_eval, "skipped": skipped,
+        }, cfg.keep_checkpoints)
+
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, desc=f"{cfg.task.name}/{cfg.method.name}", dynamic_ncols=True)
+        bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.task.name}/{cfg.method.name}", dynamic_ncols=True)
     eval_every = cfg.eval_every or steps_per_epoch
     try:
         model.train()
-        step, epoch, loss_ema = 0, 0, None
-        batches = work.epoch_batches(epoch)
+        batches = work.epoch_batches(epoch, consumed)
         while step < total_steps:
             t = step + 1
             lr = lr_at(t, total_steps, o.lr, warmup, o.schedule)  # 1. lr
@@ -244,9 +319,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
             for _ in range(accum):
                 batch = next(batches, None)
                 if batch is None:  # epoch boundary
-                    epoch += 1
-                    batches = work.epoch_batches(epoch)
+                    epoch, consumed = epoch + 1, 0
+                    batches = work.epoch_batches(epoch, 0)
                     batch = next(batches)
+                consumed += 1
                 task_loss = work.loss_fn(model, batch)  # 2. forward
                 loss = task_loss
                 if gamma > 0:  # 3. loss + γ·R
@@ -254,8 +330,14 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 (loss / accum).backward()  # 4. backward
                 task_loss_sum += task_loss.item()
             if not math.isfinite(task_loss_sum):
-                raise FloatingPointError(f"non-finite training loss at step {t} (lr={lr:.3g}); lower optim.lr "
-                                         "or set optim.max_grad_norm")
+                if not cfg.skip_nonfinite:
+                    raise FloatingPointError(f"non-finite training loss at step {t} (lr={lr:.3g}). Lower optim.lr, "
+                                             "set optim.max_grad_norm, or skip_nonfinite=true to skip such steps")
+                skipped += 1
+                optimizer.zero_grad(set_to_none=False)
+                step = t  # the step is spent, with no update (counted in summary.skipped_steps)
+                log.log({"step": t, "split": "train", "skipped": skipped, "lr": lr})
+                continue
             if o.max_grad_norm:  # 5. clip
                 torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
             optimizer.step()  # 6. optimizer step
@@ -279,6 +361,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 m = last_eval[work.main_metric]
                 if not best or (m > best[work.main_metric]) == work.higher_is_better and m != best[work.main_metric]:
                     best = {**last_eval, "step": t}
+            if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == total_steps:
+                checkpoint(t)
+            fault_point("step", t)
             if bar is not None:
                 bar.update(1)
                 post = {"loss": f"{loss_ema:.4f}", "budget": budget}
@@ -286,7 +371,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
                     post[work.main_metric] = f"{last_eval[work.main_metric]:.4f}"
                 bar.set_postfix(post, refresh=False)
     except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - t_start)
+        summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - t_start,
+                       failed_step=step + 1)
         write_json(run_dir / "summary.json", summary)
         log.close()
         raise
@@ -307,10 +393,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
     if mcfg is not None:
         save_adapter(run_dir / "adapter", model, mcfg, allocator)
     else:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, run_dir / "model.pt")
+        atomic_write(run_dir / "model.pt", lambda tmp: torch.save(
+            {k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp))
     summary.update(status="completed", final=final, best=best or final, final_budget=sum(ranks.values()),
                    adapter_params=adapter_param_count(adapters, ranks), init_budget=sum(init_ranks.values()),
-                   wall_time_s=time.time() - t_start, error=None)
+                   skipped_steps=skipped, wall_time_s=time.time() - t_start, error=None)
     _figures(run_dir, ranks, work.planted, log)
     write_json(run_dir / "summary.json", summary)
     log.close(summary)

@@ -126,13 +126,15 @@ class RunConfig:
     grad_accum: int = 1
     eval_every: int = 0  # optimizer steps; 0 = once per epoch
     log_every: int = 10
-    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
+    resume: Optional[str] = None  # a checkpoint file or run folder; by default the run folder's own newest
+    skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
     device: str = "auto"
     deterministic: bool = False
     threads: Optional[int] = None
     progress: bool = True
-    debug: bool = False
+    traceback: bool = False  # print the full traceback on a user error instead of one line
     extra: dict = field(default_factory=dict)
 
 
