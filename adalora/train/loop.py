@@ -4,6 +4,10 @@ Per optimizer step, in this order (the reference call order):
     lr -> forward -> loss + γ·R -> backward (x grad_accum) -> clip -> optimizer.step
     -> allocator.step(t) -> zero_grad -> eval / log / checkpoint
 t counts optimizer steps from 1, also under gradient accumulation.
+
+Under torchrun (WORLD_SIZE > 1) the model runs in DDP: batch_size stays the *global* batch, each rank
+takes its share of every batch (so the schedule and the result match a single process), the allocator's
+masks are broadcast from rank 0 after each masking step, and only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..allocator import RankAllocator
 from ..checkpoint import atomic_write, save_adapter
 from ..config import AdaLoRAConfig, ConfigError
@@ -212,29 +217,53 @@ def _find_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict] | None:
     return latest_checkpoint(run_dir)
 
 
+class _NoLog:
+    """The run log of ranks other than 0: they write nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Run one training job described by ``cfg``; write the run folder; return the summary dict.
 
     If the run folder already holds checkpoints (a killed run), training resumes from the newest one.
+    Launched by torchrun (WORLD_SIZE > 1) it joins the process group and trains with DDP.
     """
+    owns_group = not distributed.is_dist() and distributed.init_from_env("gloo" if cfg.device == "cpu" else None)
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        if owns_group:
+            distributed.cleanup()
+
+
+def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
+    main = distributed.is_main()  # only rank 0 writes files, logs, checkpoints
     run_dir = Path(run_dir or Path("outputs") / f"{cfg.task.name}_{cfg.method.name}_seed{cfg.seed}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(distributed.broadcast_object(str(run_dir)))  # a timestamped (hydra) folder may differ per rank
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     import yaml
 
     cfg_dict = dataclasses.asdict(cfg)
-    resume = _find_resume(cfg, run_dir)
+    resume = distributed.broadcast_object(_find_resume(cfg, run_dir) if main else None)  # rank 0 reads it
     if resume is not None:
         diff = _config_diff(resume[1]["config"], cfg_dict)
         if diff:
             raise ConfigError(f"{resume[0]} was written by a run with another config ({'; '.join(diff[:5])}). "
                               "Resume with the same config, or start in a new run folder (hydra.run.dir=...)")
-    atomic_write(run_dir / "config.yaml", lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
+    if main:
+        atomic_write(run_dir / "config.yaml",
+                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if cfg.device == "auto" else cfg.device))
+    if device.type == "cuda" and distributed.is_dist():
+        device = distributed.local_device()  # one GPU per process: cuda:LOCAL_RANK
 
     # ---- data, model, adapters (every config error surfaces here, before any step)
     planted = cfg.task.name == "planted_rank"
@@ -277,16 +306,20 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
         set_rng_state(ckpt["rng"])
         step, epoch, consumed = ckpt["step"], ckpt["epoch"], ckpt["consumed"]
         loss_ema, best, last_eval, skipped = ckpt["loss_ema"], ckpt["best"], ckpt["last_eval"], ckpt["skipped"]
-        for name in ("metrics.jsonl", "rank_history.jsonl"):
-            truncate_jsonl(run_dir / name, step)
-        print(f"[adalora] resuming {run_dir} from step {step}/{total_steps} ({resume[0].name})", flush=True)
+        if main:
+            for name in ("metrics.jsonl", "rank_history.jsonl"):
+                truncate_jsonl(run_dir / name, step)
+            print(f"[adalora] resuming {run_dir} from step {step}/{total_steps} ({resume[0].name})", flush=True)
+    # DDP after the allocator and the resume (the order does not matter to DDP; it broadcasts rank 0's weights)
+    net = distributed.wrap_ddp(model)
 
-    log = RunLog(run_dir, cfg.logger, cfg_dict, resume=resume is not None)
+    log = RunLog(run_dir, cfg.logger, cfg_dict, resume=resume is not None) if main else _NoLog()
     summary = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "target_r": cfg.method.target_r,
                "seed": cfg.seed, "main_metric": work.main_metric, "higher_is_better": work.higher_is_better,
                "trainable_params": n_trainable, "total_steps": total_steps, "run_dir": str(run_dir)}
-    write_json(run_dir / "summary.json", summary)
-    if work.planted is not None:
+    if main:
+        write_json(run_dir / "summary.json", summary)
+    if work.planted is not None and main:
         write_json(run_dir / "planted_ranks.json", work.planted)
     if adapters and resume is None:
         log.log_ranks(0, sum(init_ranks.values()), init_ranks)
@@ -302,7 +335,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
         }, cfg.keep_checkpoints)
 
     bar = None
-    if cfg.progress:
+    if cfg.progress and main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.task.name}/{cfg.method.name}", dynamic_ncols=True)
@@ -316,19 +349,22 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             task_loss_sum = 0.0
-            for _ in range(accum):
+            for micro in range(accum):
                 batch = next(batches, None)
                 if batch is None:  # epoch boundary
                     epoch, consumed = epoch + 1, 0
                     batches = work.epoch_batches(epoch, 0)
                     batch = next(batches)
                 consumed += 1
-                task_loss = work.loss_fn(model, batch)  # 2. forward
-                loss = task_loss
-                if gamma > 0:  # 3. loss + γ·R
-                    loss = loss + gamma * orthogonal_regularization(adapters, mcfg.orth_reg_form)
-                (loss / accum).backward()  # 4. backward
+                batch, weight = distributed.shard_batch(batch)  # this rank's rows of the global batch
+                with distributed.grad_sync(net, enabled=micro == accum - 1):  # DDP all-reduces once per step
+                    task_loss = distributed.weight_loss(work.loss_fn(net, batch), weight)  # 2. forward
+                    loss = task_loss
+                    if gamma > 0:  # 3. loss + γ·R
+                        loss = loss + gamma * orthogonal_regularization(adapters, mcfg.orth_reg_form)
+                    (loss / accum).backward()  # 4. backward
                 task_loss_sum += task_loss.item()
+            task_loss_sum = distributed.mean_across_ranks(task_loss_sum)  # the global loss; same skip decision
             if not math.isfinite(task_loss_sum):
                 if not cfg.skip_nonfinite:
                     raise FloatingPointError(f"non-finite training loss at step {t} (lr={lr:.3g}). Lower optim.lr, "
@@ -342,6 +378,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
                 torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
             optimizer.step()  # 6. optimizer step
             info = allocator.step(t) if allocator is not None else None  # 7. allocator (optimizer-step counter)
+            if allocator is not None:
+                distributed.sync_allocator(allocator, info)  # rank 0's masks on every rank (no-op alone)
             optimizer.zero_grad(set_to_none=False)  # 8. zero_grad (keeps the allocator's flat grad views)
             step = t
             if allocator is not None and info.masked and (info.phase != "final" or t == mcfg.total_steps - mcfg.tfinal):
@@ -349,19 +387,20 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
             if allocator is not None and info.phase == "final" and cfg.method.compact and not allocator.compacted:
                 allocator.compact(optimizer)  # from here on FLOPs and optimizer state are the final budget's
                 trainable = [p for p in model.parameters() if p.requires_grad]
+                net = distributed.wrap_ddp(model)  # new Parameter objects: DDP is rebuilt around them
             # 9. eval / log / checkpoint
             train_loss = task_loss_sum / accum
             loss_ema = train_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * train_loss
             budget = info.budget if info is not None else sum(init_ranks.values())
             if t % cfg.log_every == 0 or t == total_steps:
                 log.log({"step": t, "split": "train", "epoch": epoch, "loss": train_loss, "lr": lr, "budget": budget})
-            if t % eval_every == 0 or t == total_steps:
+            if main and (t % eval_every == 0 or t == total_steps):  # the other ranks wait in the next all-reduce
                 last_eval = work.evaluate(model)
                 log.log({"step": t, "split": "eval", "budget": budget, **last_eval})
                 m = last_eval[work.main_metric]
                 if not best or (m > best[work.main_metric]) == work.higher_is_better and m != best[work.main_metric]:
                     best = {**last_eval, "step": t}
-            if (cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == total_steps:
+            if main and ((cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == total_steps):
                 checkpoint(t)
             fault_point("step", t)
             if bar is not None:
@@ -373,7 +412,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
     except BaseException as e:
         summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - t_start,
                        failed_step=step + 1)
-        write_json(run_dir / "summary.json", summary)
+        if main:
+            write_json(run_dir / "summary.json", summary)
         log.close()
         raise
     finally:
@@ -389,6 +429,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
         from .planted import rank_recovery
 
         final.update(rank_recovery(ranks, work.planted))
+    if not main:  # rank 0 writes the run folder
+        summary.update(status="completed", final=final, final_budget=sum(ranks.values()), error=None)
+        return summary
     write_json(run_dir / "rank_pattern.json", ranks)
     if mcfg is not None:
         save_adapter(run_dir / "adapter", model, mcfg, allocator)
