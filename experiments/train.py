@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,9 +41,17 @@ cs.store(group="logger", name="logger_schema", node=LoggerConfig)
 
 
 def to_dataclass(cfg: DictConfig) -> RunConfig:
-    """The composed config as plain dataclasses (what the library takes)."""
+    """The composed config as plain dataclasses (what the library takes); ``???`` fields are an error."""
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (the config leaves it as ???). "
+                          f"Fix: add e.g. {missing[0]}=... to the command line")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
+
+
+class RunFailed(CompactHydraException):
+    """A sweep job's user error: Hydra reports it in one line and goes on with the other jobs."""
 
 
 USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
@@ -50,16 +59,16 @@ USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_cfg = to_dataclass(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        run_cfg = to_dataclass(cfg)
         summary = train(run_cfg, run_dir)
     except USER_ERRORS as e:
-        if run_cfg.traceback or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if cfg.get("traceback") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"adalora: error: {e}", file=sys.stderr, flush=True)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweep records the failure (summary.json says why) and goes on with the other jobs
+        if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says why; the other jobs go on
+            raise RunFailed(str(e)) from None
         sys.exit(1)
     value = summary.get("final", {}).get(summary["main_metric"])
     return float(value) if value is not None else None  # for sweepers that optimise (optuna)

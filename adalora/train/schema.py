@@ -138,6 +138,56 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
 
+def _need(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}={value}: {rule}. Fix: {fix}")
+
+
+def validate_run_config(cfg: RunConfig) -> None:
+    """Checks that need no data or model: run first, so a typo costs a second, not a model load."""
+    _need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1", "e.g. batch_size=32")
+    _need(cfg.eval_batch_size >= 1, "eval_batch_size", cfg.eval_batch_size, "must be >= 1", "e.g. eval_batch_size=128")
+    _need(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be >= 1", "grad_accum=1 for no accumulation")
+    _need(0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be in [0, 2**32)", "e.g. seed=0")
+    _need(cfg.log_every >= 1, "log_every", cfg.log_every, "must be >= 1 (optimizer steps)", "e.g. log_every=10")
+    _need(cfg.eval_every >= 0, "eval_every", cfg.eval_every, "must be >= 0 (0 = once per epoch)", "eval_every=0")
+    _need(cfg.checkpoint_every >= 0, "checkpoint_every", cfg.checkpoint_every, "must be >= 0 (0 = at the end only)",
+          "e.g. checkpoint_every=500")
+    _need(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1", "keep_checkpoints=2")
+    _need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1 or null (use epochs)",
+          "drop it or give a positive number")
+    _need(cfg.epochs > 0, "epochs", cfg.epochs, "must be > 0", "e.g. epochs=3")
+    o = cfg.optim
+    _need(o.name == "adamw", "optim.name", repr(o.name), "only adamw is provided", "optim=adamw")
+    _need(o.schedule in ("linear", "cosine", "constant"), "optim.schedule", repr(o.schedule),
+          "use linear, cosine or constant", "optim.schedule=linear")
+    _need(o.lr > 0, "optim.lr", o.lr, "must be > 0", "e.g. optim.lr=1e-3")
+    _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)", "e.g. 0.06")
+    _need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm,
+          "must be > 0 or null (no clipping)", "e.g. optim.max_grad_norm=1.0")
+    t = cfg.task
+    _need(t.max_length >= 8, "task.max_length", t.max_length, "must be >= 8 tokens", "e.g. task.max_length=128")
+    for name in ("max_train_examples", "max_eval_examples"):
+        v = getattr(t, name)
+        _need(v is None or v >= 1, f"task.{name}", v, "must be >= 1 or null (all examples)", f"drop task.{name}")
+    _need(cfg.device in ("auto", "cpu") or cfg.device.startswith(("cuda", "mps")), "device", repr(cfg.device),
+          "unknown device", "device=auto, cpu or cuda")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        _need(torch.cuda.is_available(), "device", cfg.device, "no CUDA GPU is available here",
+              "device=auto (uses a GPU when there is one) or device=cpu")
+    _need(cfg.logger.name in ("none", "jsonl", "wandb"), "logger.name", repr(cfg.logger.name),
+          "expected none, jsonl or wandb", "logger=jsonl")
+    _need(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", repr(cfg.logger.mode),
+          "expected offline, online or disabled", "logger.mode=offline")
+    if cfg.model.kind == "hub" and not cfg.model.path:
+        raise ConfigError("model.path is empty: model=hub needs a Hub name or a local folder. "
+                          "Fix: e.g. model.path=bert-base-uncased")
+    # the method config with a provisional length: catches bad ranks, betas, scores, ... before any load
+    build_method_config(cfg.method, cfg.model, total_steps=cfg.max_steps or 10**6)
+
+
 def resolve_schedule_steps(value: float, total_steps: int, name: str) -> int:
     """tinit/tfinal: a float in [0, 1) is a fraction of training, otherwise a number of steps."""
     if value < 0:
@@ -156,8 +206,13 @@ def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int) -
 
     targets = list(m.target_modules) if m.target_modules is not None else list(model.target_modules)
     save = list(m.modules_to_save) if m.modules_to_save is not None else list(model.modules_to_save)
+    if m.kind not in ("lora", "adalora", "full"):
+        raise ConfigError(f"method.kind={m.kind!r}: expected lora, adalora or full")
     if m.kind == "full":
         return None
+    if not isinstance(m.target_r, int) or m.target_r < 1:
+        raise ConfigError(f"method.target_r={m.target_r}: the budget (LoRA rank / AdaLoRA final average rank) must be "
+                          "an integer >= 1. Fix: e.g. method.target_r=8")
     if m.kind == "lora":
         return LoRAConfig(r=m.target_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=targets,
                           modules_to_save=save, use_rslora=m.use_rslora)
