@@ -29,7 +29,7 @@ lint: setup
 
 # The main job: LoRA vs AdaLoRA on the planted-rank benchmark, 3 seeds, then the summary table.
 compare: setup
-	$(BIN)/python experiments/train.py -m experiment=planted_rank method=lora,adalora seed=0,1,2 \
+	$(BIN)/python experiments/train.py -m experiment=planted_rank logger=none progress=false \
 		hydra.sweep.dir=multirun/planted_rank
 	$(BIN)/python experiments/summarize.py multirun/planted_rank
 

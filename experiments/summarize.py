@@ -50,8 +50,8 @@ EXTRA_METRICS = ("rank_recovery",)
 METHOD_ORDER = ("full", "lora", "svd_lora", "prune_lora", "adalora", "adalora_sensitivity_only",
                 "adalora_magnitude", "adalora_no_orth")
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "planted_rank")
-CSV_COLUMNS = ("task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params", "wall_time_s",
-               "is_main", "higher_is_better")
+CSV_COLUMNS = ("task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params", "adapter_params",
+               "wall_time_s", "is_main", "higher_is_better")
 _RUN_MARKERS = ("summary.json", "config.yaml", "metrics.jsonl")
 _SKIP_DIRS = ("figures", "adapter")
 
@@ -258,12 +258,14 @@ def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[
         metric = Counter(r["main_metric"] for r in group).most_common(1)[0][0]
         used = [r for r in group if _num(r[which].get(metric)) is not None]
         params = [p for p in (_num(r["trainable_params"]) for r in used) if p is not None]
+        final_params = [p for p in (_num(r["adapter_params"]) for r in used) if p is not None]
         walls = [w for w in (_num(r["wall_time_s"]) for r in used) if w is not None]
         common = {
             "task": task,
             "method": method,
             "target_r": target_r,
             "trainable_params": statistics.fmean(params) if params else float("nan"),
+            "adapter_params": statistics.fmean(final_params) if final_params else float("nan"),
             "wall_time_s": statistics.fmean(walls) if walls else float("nan"),
         }
         for m, is_main in [(metric, True)] + [(x, False) for x in EXTRA_METRICS if x != metric]:
@@ -342,11 +344,12 @@ def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, w
         return f"{t} {m}{unit} {'↑' if hib else '↓'}"
 
     header = ["method", "target_r"] + [head(t, metric_of[t], hib_of[t]) for t in tasks]
-    header += [head(t, m, True) for t, m in extras] + ["seeds (n)", "trainable params", "wall time (s)"]
+    header += [head(t, m, True) for t, m in extras] + ["seeds (n)", "trainable params", "adapter params at final budget",
+                                               "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * (len(header) - 2)) + "|"]
     for method, target_r in keys:
         cells = [_md_cell(method), _fmt_r(target_r)]
-        ns, params, walls = {}, {}, {}
+        ns, params, finals, walls = {}, {}, {}, {}
         for t in tasks:
             r = by.get((t, method, target_r, metric_of[t]))
             if r is None:
@@ -355,11 +358,12 @@ def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, w
             text = _fmt_value(r["mean"], r["std"], r["n"], scales[r["metric"]])
             cells.append(f"**{text}**" if r["mean"] == best[t] and len(keys) > 1 else text)
             ns[t], params[t] = str(r["n"]), _fmt_params(r["trainable_params"])
+            finals[t] = _fmt_params(r["adapter_params"])
             walls[t] = "-" if math.isnan(r["wall_time_s"]) else f"{r['wall_time_s']:.1f}"
         for t, m in extras:
             r = by.get((t, method, target_r, m))
             cells.append("-" if r is None else _fmt_value(r["mean"], r["std"], r["n"], scales[m]))
-        cells += [_per_task(ns), _per_task(params), _per_task(walls)]
+        cells += [_per_task(ns), _per_task(params), _per_task(finals), _per_task(walls)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
 

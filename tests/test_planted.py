@@ -13,6 +13,7 @@ from adalora.train.planted import (
     TARGET_MODULES,
     PlantedRankTask,
     ResidualMLP,
+    benchmark_configs,
     default_planted_ranks,
     make_planted_task,
     module_names,
@@ -78,7 +79,8 @@ def test_teacher_differs_exactly_in_planted_modules_with_planted_ranks(task):
         torch.testing.assert_close(base.get_submodule(name).bias, task.teacher.get_submodule(name).bias)
     assert set(task.deltas) == {n for n, r in planted.items() if r}
     torch.testing.assert_close(task.teacher(task.train_x), task.train_y)
-    assert task.train_x.shape == (SMALL["n_train"], SMALL["dim"]) and task.eval_y.shape == (SMALL["n_eval"], SMALL["dim"])
+    assert task.train_x.shape == (SMALL["n_train"], SMALL["dim"])
+    assert task.eval_y.shape == (SMALL["n_eval"], SMALL["dim"])
 
 
 def test_determinism_from_task_seed():
@@ -97,6 +99,18 @@ def test_determinism_from_task_seed():
     torch.manual_seed(0)
     make_planted_task(PlantedRankTask(**SMALL, task_seed=3))
     assert torch.equal(torch.rand(3), r0)
+
+
+def test_planted_pattern_changes_only_the_deltas():
+    a = make_planted_task(PlantedRankTask(**SMALL, task_seed=5, planted={"blocks.0.up": 2, "blocks.2.down": 1}))
+    b = make_planted_task(PlantedRankTask(**SMALL, task_seed=5, planted="blocks.2.down:1"))
+    assert b.planted["blocks.0.up"] == 0 and set(b.deltas) == {"blocks.2.down"}
+    for k, v in a.base_state.items():
+        assert torch.equal(v, b.base_state[k])
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.eval_x, b.eval_x)
+    # the same module's ΔW* direction does not depend on what else is planted (its scale follows max rank)
+    da, db = a.deltas["blocks.2.down"], b.deltas["blocks.2.down"]
+    torch.testing.assert_close(da / da.norm(), db / db.norm())
 
 
 def test_new_base_is_fresh_and_evaluates_to_one(task):
@@ -137,8 +151,23 @@ def test_rank_recovery_hand_made_patterns():
     assert rank_recovery({"a": 2}, planted)["rank_recovery"] == 1.0
 
 
-def test_short_adalora_training_keeps_the_budget_and_learns(task):
-    torch.set_num_threads(1)
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
+    yield
+    torch.set_num_threads(n)
+
+
+def test_benchmark_configs_equal_budget():
+    cfgs = benchmark_configs(target_r=1, init_r=6, steps=1000)
+    lora, ada = cfgs["lora"], cfgs["adalora"]
+    assert lora.r == ada.target_r == 1 and ada.init_r == 6 and ada.total_steps == 1000
+    assert (ada.tinit, ada.tfinal, ada.delta_t) == (100, 400, 10)
+    assert list(lora.target_modules) == list(ada.target_modules) == list(TARGET_MODULES)
+
+
+def test_short_adalora_training_keeps_the_budget_and_learns(task, one_thread):
     steps, target_r = 300, 1
     cfg = AdaLoRAConfig(init_r=4, target_r=target_r, target_modules=list(TARGET_MODULES), tinit=30, tfinal=90,
                         delta_t=5, orth_reg_weight=0.1)
@@ -152,14 +181,14 @@ def test_short_adalora_training_keeps_the_budget_and_learns(task):
     assert 0.0 <= out["rank_recovery"] <= 1.0
 
 
-def test_short_lora_training_learns(task):
+def test_short_lora_training_learns(task, one_thread):
     out = train_planted(task, LoRAConfig(r=1, target_modules=list(TARGET_MODULES)), steps=200, lr=1e-2,
                         batch_size=64, seed=0)
     assert out["relative_error"] < 0.8
     assert out["rank_recovery"] == pytest.approx(out["rank_recovery_uniform"])
 
 
-def test_loss_decreases_plain_loop(task):
+def test_loss_decreases_plain_loop(task, one_thread):
     """The API as a training loop would use it, without train_planted."""
     from adalora import RankAllocator, inject_adapters, orthogonal_regularization
 

@@ -228,11 +228,12 @@ def test_csv(summarized):
     _, out, _ = summarized
     with open(out / "summary.csv") as f:
         recs = list(csv.DictReader(f))
-    assert list(recs[0])[:9] == ["task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params",
-                                 "wall_time_s"]
+    assert list(recs[0])[:10] == ["task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params",
+                                  "adapter_params", "wall_time_s"]
     by = {(r["task"], r["method"], r["target_r"], r["metric"]): r for r in recs}
     assert len([r for r in recs if r["is_main"] == "True"]) == 8
     rec = by["rte", "lora", "4", "accuracy"]
+    assert float(rec["adapter_params"]) == float(rec["trainable_params"]) // 2  # the fake runs' final budget
     assert float(rec["mean"]) == pytest.approx(0.67) and float(rec["std"]) == pytest.approx(math.sqrt(0.0007))
     assert rec["n"] == "3"
     rec = by["planted_rank", "adalora", "2", "distill_loss"]  # raw values, not x100
