@@ -20,7 +20,7 @@ import torch
 from .config import AdaLoRAConfig, ConfigError
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 from .schedule import budget_schedule
-from .scores import element_scores, select_top, update_importance
+from .scores import element_scores, fused_importance_update, select_top, update_importance
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,9 @@ class RankAllocator:
     optimizer steps from 1 (under gradient accumulation: optimizer steps, not micro-batches).
     """
 
-    def __init__(self, adapters: Mapping[str, AdapterLayer], cfg: AdaLoRAConfig):
+    def __init__(self, adapters: Mapping[str, AdapterLayer], cfg: AdaLoRAConfig, fused: bool | None = None):
+        """``fused``: compile the importance update into one pass (None: only for >= 1M adapter parameters,
+        where it pays for its few seconds of compilation; False: always eager)."""
         if not isinstance(cfg, AdaLoRAConfig):
             raise ConfigError(f"RankAllocator needs an AdaLoRAConfig, got {type(cfg).__name__}")
         if not adapters:
@@ -87,14 +89,15 @@ class RankAllocator:
         self._warned_repeat = False
         self._build_layout()
         self.keep = torch.ones(self.init_budget, dtype=torch.bool, device=self._w.device)
+        self._update = fused_importance_update(self._w) if fused is None or fused else update_importance
+        if fused and self._update is update_importance:
+            warnings.warn("RankAllocator(fused=True): torch.compile is not usable here; using the eager update",
+                          stacklevel=2)
         scoring = self.prune and cfg.score != "magnitude"
         self.ema_ipt = torch.zeros_like(self._w) if scoring else None  # Ī
         self.ema_unc = torch.zeros_like(self._w) if scoring and cfg.score == "ipt" else None  # Ū
 
     # ------------------------------------------------------------------ layout
-    def _scored(self, a: AdapterLayer) -> list[torch.nn.Parameter]:
-        return [a.lora_A, a.lora_B]
-
     def _build_layout(self) -> None:
         """Order modules by shape, make params and grads views of flat buffers."""
         adapters = self.adapters
@@ -148,15 +151,21 @@ class RankAllocator:
                 self._gate[t:t + a.r].copy_(a.lora_mask)
                 a.lora_mask = self._gate[t:t + a.r]
                 t += a.r
-        self._ptrs = self._current_ptrs()
+        # one precomputed record per span, so the per-step checks are a single cheap loop
+        self._fast = [(m, k, p, p.data_ptr(), self._g[o:o + p.numel()].view(p.shape))
+                      for (m, k, o), (p, _) in zip(self._span_src, self._spans)]
+        self._gates = [] if self.svd else [(self.adapters[n], self.adapters[n].lora_mask.data_ptr())
+                                          for n in self.order]
 
-    def _current_ptrs(self) -> list:
-        ptrs = [(id(p), p.data_ptr()) for p in (getattr(m, k) for m, k, _ in self._span_src)]
-        return ptrs if self.svd else ptrs + [self.adapters[n].lora_mask.data_ptr() for n in self.order]
+    def _views_intact(self) -> bool:
+        for m, k, p, ptr, _ in self._fast:
+            if getattr(m, k) is not p or p.data_ptr() != ptr:
+                return False
+        return all(a.lora_mask.data_ptr() == ptr for a, ptr in self._gates)
 
     def _check_views(self) -> None:
         """Re-adopt the parameters if something (``model.to()``, ``load_state_dict(assign=True)``) replaced them."""
-        if self._current_ptrs() == self._ptrs:
+        if self._views_intact():
             return
         self._build_layout()
         dev, dtype = self._w.device, self._w.dtype
@@ -170,16 +179,18 @@ class RankAllocator:
     def _gather_grads(self) -> torch.Tensor:
         """Gradients as one flat tensor; the per-parameter grads become views of it, so with
         ``zero_grad(set_to_none=False)`` later backwards accumulate straight into it."""
-        g_flat = self._g
-        for p, o in self._spans:
-            view = g_flat[o:o + p.numel()]
+        for _, _, p, _, view in self._fast:
             g = p.grad
+            if g is view:  # the usual case with zero_grad(set_to_none=False): nothing to do
+                continue
             if g is None:  # e.g. a module unused in this forward: zero sensitivity, grad left None
                 view.zero_()
             elif g.data_ptr() != view.data_ptr():
-                view.copy_(g.reshape(-1))
-                p.grad = view.view(p.shape)
-        return g_flat
+                view.copy_(g)
+                p.grad = view
+            else:
+                p.grad = view
+        return self._g
 
     # ------------------------------------------------------------------ the step
     def step(self, global_step: int | None = None) -> StepInfo:
@@ -205,7 +216,7 @@ class RankAllocator:
                                 tfinal=cfg.tfinal, total_steps=cfg.total_steps, delta_t=cfg.delta_t)
         if sched.phase != "final" and self.ema_ipt is not None:
             with torch.no_grad():
-                update_importance(self._w, self._gather_grads(), self.ema_ipt, self.ema_unc, cfg.beta1, cfg.beta2)
+                self._update(self._w, self._gather_grads(), self.ema_ipt, self.ema_unc, cfg.beta1, cfg.beta2)
         if sched.phase == "final":
             if self.final_keep is None:  # the pattern is fixed here, from the last scores
                 self.final_scores = self.triplet_scores()

@@ -79,7 +79,21 @@ class AdapterLayer(nn.Module):
         y = self.base_layer(x)  # (..., out)
         if self.merged or self.r == 0:  # a module pruned to rank 0 costs nothing
             return y
-        return y + self._adapter_out(self.lora_dropout(x))
+        return self._add_adapter(y, self.lora_dropout(x))
+
+    def _add_adapter(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + scale · (x Dᵀ) Bᵀ with D = ``_down()``, the second product fused into the add (one addmm):
+        two fewer passes over the (..., out) activations in forward and backward than ``y + _adapter_out(x)``."""
+        h = F.linear(x, self._down())  # (..., in) -> (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(), alpha=self.scale)
+        return out.view(y.shape)  # (..., out)
+
+    def _adapter_out(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's contribution alone: scale · (x Dᵀ) Bᵀ, (..., in) -> (..., out)."""
+        return F.linear(F.linear(x, self._down()), self.lora_B) * self.scale
+
+    def _delta_out_in(self) -> torch.Tensor:
+        return (self.lora_B @ self._down()) * self.scale  # (out, in)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, init_r={self.init_r}, merged={self.merged}"
@@ -105,12 +119,8 @@ class SVDLinear(AdapterLayer):
         nn.init.zeros_(self.lora_E)
         nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
 
-    def _adapter_out(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (..., in) -> (..., r) -> (..., out); A*E scales Q's rows by the singular values
-        return F.linear(F.linear(x, self.lora_A * self.lora_E), self.lora_B) * self.scale
-
-    def _delta_out_in(self) -> torch.Tensor:
-        return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale  # (out, in)
+    def _down(self) -> torch.Tensor:
+        return self.lora_A * self.lora_E  # (r, in): Q's rows scaled by the singular values
 
     @torch.no_grad()
     def apply_rank_mask(self, keep: torch.Tensor) -> None:
@@ -140,14 +150,8 @@ class LoRALinear(AdapterLayer):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as loralib / PEFT
         nn.init.zeros_(self.lora_B)
 
-    def _gated_A(self) -> torch.Tensor:
+    def _down(self) -> torch.Tensor:  # (r, in), gated for prune-LoRA
         return self.lora_A if self.lora_mask is None else self.lora_A * self.lora_mask.view(-1, 1)
-
-    def _adapter_out(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self._gated_A()), self.lora_B) * self.scale  # (..., in) -> (..., r) -> (..., out)
-
-    def _delta_out_in(self) -> torch.Tensor:
-        return (self.lora_B @ self._gated_A()) * self.scale
 
     @torch.no_grad()
     def apply_rank_mask(self, keep: torch.Tensor) -> None:

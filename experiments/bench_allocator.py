@@ -15,11 +15,19 @@ Per configuration it times, interleaved repetition by repetition so noise hits e
 - ``ours gather``: our scoring step when the gradients are not views of the flat buffer (what
   ``zero_grad(set_to_none=True)`` leaves): one gather copy per parameter;
 - the *floor*: the same EMA math on one preallocated flat buffer of the same size
-  (I = |w*g|, two in-place EMA updates, no temporaries allocated);
+  (I = |w*g|, two in-place EMA updates, no temporaries allocated; 8 eager kernels), and
+  *floor lerp*: the same with each EMA as one ``lerp_`` (6 kernels);
 - a *final-phase* step (scores frozen, the fixed pattern re-applied every step).
+A cross-check then runs both allocators a few steps on identical inputs and compares Ī and the masks.
 
 Base weights are materialised with ``to_empty`` (uninitialised): the allocators never read them, and
-random-initialising a 48-layer BERT-base would cost ~15 s per copy. Timings are medians in ms.
+random-initialising a 48-layer BERT-base would cost ~15 s per copy. Timings are medians in ms (wall).
+The interleaving means each side starts with the other's data in cache, as after a training step's
+optimizer update, so the floor here is a cold-ish one, above a hot-loop measurement of the same ops.
+On a shared host other processes stall multi-threaded ops (a descheduled OpenMP thread holds the
+barrier for a scheduler quantum, ~50 ms): our big flat ops are exposed, PEFT's small per-tensor ops
+run single-threaded and are not. ``--threads 1`` gives stable numbers there; ``--budget-s`` bounds
+the time per configuration.
 
 Importable: ``main(argv) -> int`` and ``run_config(...) -> dict``.
 """
@@ -66,10 +74,11 @@ def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def _ms(f) -> float:
+def _timed(f, arg=None) -> tuple[float, object]:
+    """(wall ms, result) of f(arg), or of f() when arg is None."""
     t0 = time.perf_counter_ns()
-    f()
-    return (time.perf_counter_ns() - t0) / 1e6
+    out = f() if arg is None else f(arg)
+    return (time.perf_counter_ns() - t0) / 1e6, out
 
 
 def _nbytes(tensors) -> int:
@@ -136,7 +145,7 @@ def _compare(alloc, peft_model, peft_layers) -> tuple[float, int, int]:
 
 
 def run_config(key: str, reps: int, warmup: int, init_r: int = 12, target_r: int = 8,
-               delta_t: int = 1000, check: bool = True) -> dict:
+               delta_t: int = 1000, check: bool = True, budget_s: float | None = None) -> dict:
     label, layers, hidden, inter, heads = CONFIGS[key]
     n_total = warmup + reps
     total_steps = 2 * (n_total + 2) * delta_t  # every timed step stays in the decreasing phase
@@ -155,6 +164,11 @@ def run_config(key: str, reps: int, warmup: int, init_r: int = 12, target_r: int
         e1.mul_(BETA).add_(tmp, alpha=1 - BETA)
         e2.mul_(BETA).add_(tmp.sub_(e1).abs_(), alpha=1 - BETA)
 
+    def floor_lerp():  # the same EMAs as one lerp_ each (b*e + (1-b)*x == e.lerp_(x, 1-b)): 6 kernels, not 8
+        torch.mul(w, g, out=tmp).abs_()
+        e1.lerp_(tmp, 1 - BETA)
+        e2.lerp_(tmp.sub_(e1).abs_(), 1 - BETA)
+
     # gradients that are not views of the flat buffer, re-attached before each "gather" step (untimed)
     spans = [(getattr(m, k), k) for m, k, _ in alloc._span_src]
     loose = [torch.randn(p.shape) * 1e-3 for p, _ in spans]
@@ -163,26 +177,37 @@ def run_config(key: str, reps: int, warmup: int, init_r: int = 12, target_r: int
         for (p, _), gl in zip(spans, loose):
             p.grad = gl
 
-    cols = {k: [] for k in ("peft_score", "peft_mask", "ours_score", "ours_mask", "ours_gather", "floor")}
+    cols = {k: [] for k in ("peft_score", "peft_mask", "ours_score", "ours_mask", "ours_gather", "floor",
+                            "floor_lerp")}
+    t_start = time.perf_counter()
     with torch.no_grad():
         for k in range(n_total):
             base = k * delta_t
-            rec = k >= warmup
-            timings = {
-                "peft_score": _ms(lambda: peft_step(base + 1)),
-                "ours_score": _ms(lambda: alloc.step(base + 1)),
-                "floor": _ms(floor),
+            # (function, step): per side the step numbers increase in this order; the sides alternate who goes first
+            ops = {
+                "peft_score": (peft_step, base + 1),
+                "ours_score": (alloc.step, base + 1),
+                "floor": (floor, None),
+                "ours_gather": (alloc.step, base + 2),  # after an untimed detach_grads()
+                "peft_mask": (peft_step, base + delta_t),
+                "ours_mask": (alloc.step, base + delta_t),
+                "floor_lerp": (floor_lerp, None),
             }
-            detach_grads()
-            timings["ours_gather"] = _ms(lambda: alloc.step(base + 2))
-            info_p = {}
-            timings["peft_mask"] = _ms(lambda: info_p.setdefault("r", peft_step(base + delta_t)))
-            info_o = {}
-            timings["ours_mask"] = _ms(lambda: info_o.setdefault("r", alloc.step(base + delta_t)))
-            assert info_o["r"].masked and info_o["r"].phase == "decrease", info_o["r"]
-            if rec:
+            order = list(ops)
+            if k % 2:
+                order = ["ours_score", "floor_lerp", "peft_score", "ours_gather", "floor", "ours_mask", "peft_mask"]
+            timings, out = {}, {}
+            for c in order:
+                if c == "ours_gather":
+                    detach_grads()  # untimed: grads that are not views of the flat buffer
+                timings[c], out[c] = _timed(*ops[c])
+            assert out["ours_mask"].masked and out["ours_mask"].phase == "decrease", out["ours_mask"]
+            if k >= warmup:
                 for c, v in timings.items():
                     cols[c].append(v)
+                if budget_s and time.perf_counter() - t_start > budget_s and len(cols["floor"]) >= min(reps, 5):
+                    break  # a loaded host: keep the whole run within its time budget
+    reps_done = len(cols["floor"])
     # the "gather" steps used other gradients; scoring-only comparison is still fair (same work), but the
     # EMAs now differ from PEFT's, so the cross-check runs on a fresh pair below when asked
 
@@ -198,9 +223,9 @@ def run_config(key: str, reps: int, warmup: int, init_r: int = 12, target_r: int
     ema_peft_final = _nbytes(list(ra.ipt.values()) + list(ra.exp_avg_ipt.values()) + list(ra.exp_avg_unc.values()))
     fin_p, fin_o = [], []
     with torch.no_grad():
-        for j in range(1, max(3, reps // 2) + 1):
-            fin_p.append(_ms(lambda: peft_step(t_fin + j)))
-            fin_o.append(_ms(lambda: alloc.step(t_fin + j)))
+        for j in range(1, max(3, reps_done // 2) + 1):
+            fin_p.append(_timed(peft_step, t_fin + j)[0])
+            fin_o.append(_timed(alloc.step, t_fin + j)[0])
     rank_ours = sum(alloc.rank_pattern().values())
     alloc.compact()
     ema_ours_compact = _nbytes([alloc.ema_ipt, alloc.ema_unc])
@@ -211,9 +236,8 @@ def run_config(key: str, reps: int, warmup: int, init_r: int = 12, target_r: int
         "peft_final": statistics.median(fin_p), "ours_final": statistics.median(fin_o),
         "ema_ours_scoring": ema_ours_scoring, "ema_ours_final": ema_ours_final, "ema_ours_compact": ema_ours_compact,
         "ema_peft_scoring": ema_peft_scoring, "ema_peft_final": ema_peft_final,
-        "final_rank_ours": rank_ours, "target_budget": target_r * len(adapters), "reps": reps,
+        "final_rank_ours": rank_ours, "target_budget": target_r * len(adapters), "reps": reps_done,
     }
-    del adapters, alloc, peft_model, peft_layers
     if check:
         res.update(_cross_check(layers, hidden, inter, heads, init_r, target_r))
     return res
@@ -239,11 +263,12 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
     p = lambda *a: print(*a, file=file)  # noqa: E731
     p("\n## Allocator step: PEFT 0.21.2 update_and_allocate vs ours RankAllocator.step (median ms)\n")
     p("| config | matrices | adapter params | PEFT score | PEFT mask | ours score | ours mask | ours gather | "
-      "floor | PEFT/ours score | PEFT/ours mask | ours/floor | PEFT final | ours final |")
-    p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+      "floor | floor lerp | PEFT/ours score | PEFT/ours mask | ours/floor | PEFT final | ours final |")
+    p("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        p(f"| {r['label']} | {r['modules']} | {r['params'] / 1e6:.2f}M | {r['peft_score']:.2f} | {r['peft_mask']:.2f} | "
-          f"{r['ours_score']:.3f} | {r['ours_mask']:.3f} | {r['ours_gather']:.3f} | {r['floor']:.3f} | "
+        p(f"| {r['label']} | {r['modules']} | {r['params'] / 1e6:.2f}M | {r['peft_score']:.2f} | "
+          f"{r['peft_mask']:.2f} | {r['ours_score']:.3f} | {r['ours_mask']:.3f} | {r['ours_gather']:.3f} | "
+          f"{r['floor']:.3f} | {r['floor_lerp']:.3f} | "
           f"{r['peft_score'] / r['ours_score']:.1f}x | {r['peft_mask'] / r['ours_mask']:.1f}x | "
           f"{r['ours_score'] / r['floor']:.2f} | {r['peft_final']:.2f} | {r['ours_final']:.3f} |")
     p("\n## Allocator EMA memory (fp32)\n")
@@ -266,7 +291,8 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
                   f"{r['final_rank_ours']} / {r['target_budget']} |")
     p("\nscore: a step off the mask interval; mask: a step on it (scores + global top-b); gather: our scoring step "
       "with grads that are not views of the flat buffer (zero_grad(set_to_none=True)); floor: the same EMA math on "
-      "one preallocated flat buffer; final: a final-phase step (frozen pattern re-applied).")
+      "one preallocated flat buffer (floor lerp: each EMA as one lerp_); final: a final-phase step (frozen pattern "
+      "re-applied).")
 
 
 def main(argv=None) -> int:
@@ -276,6 +302,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per config (default 150, quick 15)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--no-check", action="store_true", help="skip the ours-vs-PEFT numeric cross-check")
+    ap.add_argument("--budget-s", type=float, default=20.0,
+                    help="stop a config's repetitions after this many seconds (at least 5 reps); 0: no limit")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's default; 1 avoids OpenMP stalls on a loaded host)")
     args = ap.parse_args(argv)
@@ -306,10 +334,11 @@ def _run(ap, args) -> int:
     for key in keys:
         # fewer repetitions for the big configs keeps the whole run under 2 minutes on 2 cores
         n = reps if CONFIGS[key][1] <= 12 or args.reps else max(reps * 12 // CONFIGS[key][1], 20)
-        rows.append(run_config(key, n, warmup, check=not args.no_check and CONFIGS[key][1] <= 12))
+        rows.append(run_config(key, n, warmup, check=not args.no_check and CONFIGS[key][1] <= 12,
+                               budget_s=args.budget_s))
         r = rows[-1]
-        print(f"  {r['label']}: built in {r['build_s']:.1f}s, {n} reps, elapsed {time.perf_counter() - t0:.1f}s",
-              flush=True)
+        print(f"  {r['label']}: built in {r['build_s']:.1f}s, {r['reps']} reps, "
+              f"elapsed {time.perf_counter() - t0:.1f}s", flush=True)
     print_table(rows)
     print(f"\ntotal {time.perf_counter() - t0:.1f}s, load average at the end {_load():.2f}")
     return 0

@@ -54,7 +54,7 @@ def test_bench_allocator_quick(capsys):
     steps = _rows(out, "| config | matrices |")
     assert len(steps) == 1 and steps[0][0] == "MiniLM-L6 h384" and steps[0][1] == "36"
     assert steps[0][2] == "0.50M"
-    for cell in steps[0][3:9]:
+    for cell in steps[0][3:10]:
         assert float(cell) > 0
     mem = _rows(out, "| config | adapter params | ours scoring")
     assert mem[0][7] == "2x" and mem[0][8] == "3x"  # EMA bytes / (adapter params x 4): ours 2, PEFT 3
@@ -84,19 +84,19 @@ def test_bench_step_quick(capsys):
     rows = {r[0]: r for r in _rows(out, "| method | trainable params |")}
     assert list(rows) == ["frozen", "lora", "adalora", "adalora-compact", "peft"]
     for r in rows.values():
-        assert float(r[3]) > 0 and float(r[4]) > 0
+        assert float(r[3]) > 0 and float(r[4]) > 0 and float(r[7]) > 0
     assert rows["lora"][5] == "1.000"
     ints = {k: int(r[2].replace(",", "")) for k, r in rows.items()}  # adapter params
     assert ints["frozen"] == 0
     assert ints["adalora"] == ints["peft"] == 498_096  # init_r 12 on MiniLM's 36 matrices
     assert ints["adalora-compact"] < ints["adalora"]
     mib = lambda s: 0.0 if s == "0" else float(s.split()[0])  # noqa: E731
-    assert mib(rows["adalora"][9]) == pytest.approx(2 * 498_096 * 4 / 2**20, abs=0.01)  # Ī and Ū
-    assert mib(rows["adalora-compact"][9]) == 0
-    assert mib(rows["peft"][9]) == pytest.approx(3 * 498_096 * 4 / 2**20, abs=0.01)
-    assert mib(rows["lora"][9]) == 0 and mib(rows["frozen"][9]) == 0
+    assert mib(rows["adalora"][11]) == pytest.approx(2 * 498_096 * 4 / 2**20, abs=0.01)  # Ī and Ū
+    assert mib(rows["adalora-compact"][11]) == 0
+    assert mib(rows["peft"][11]) == pytest.approx(3 * 498_096 * 4 / 2**20, abs=0.01)
+    assert mib(rows["lora"][11]) == 0 and mib(rows["frozen"][11]) == 0
     # Adam keeps 2 fp32 tensors per trainable param (+ a scalar step each)
-    assert mib(rows["adalora"][8]) == pytest.approx(2 * int(rows["adalora"][1].replace(",", "")) * 4 / 2**20, rel=0.01)
+    assert mib(rows["adalora"][10]) == pytest.approx(2 * int(rows["adalora"][1].replace(",", "")) * 4 / 2**20, rel=0.01)
     inf = {r[0]: r for r in _rows(out, "| model | ms median |")}
     assert set(inf) == {"base", "lora merged", "adalora merged", "peft merged"}
     assert inf["base"][3] == "1.000"

@@ -120,14 +120,14 @@ def test_merge_equals_unmerged_and_unmerge_restores(adapter, kind):
     assert not torch.allclose(layer.base_layer.weight, w0)  # the delta went into W
     torch.testing.assert_close(layer.base_layer.weight, w0 + layer.delta_weight(), atol=1e-6, rtol=0)
 
-    def boom(_x):
+    def boom(*_args):
         raise AssertionError("a merged layer must not run the adapter path")
 
-    layer._adapter_out = boom
+    layer._add_adapter = boom
     torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
     layer.merge()  # idempotent
     torch.testing.assert_close(layer(x), y, atol=1e-5, rtol=1e-5)
-    del layer._adapter_out
+    del layer._add_adapter
     layer.unmerge()
     assert not layer.merged
     torch.testing.assert_close(layer.base_layer.weight, w0, atol=1e-6, rtol=0)
@@ -172,10 +172,10 @@ def test_rank_zero_layer_is_base_and_skips_adapter(adapter):
     layer = SVDLinear(base, 0) if adapter == "svd" else LoRALinear(base, 0, rank_mask=True)
     assert layer.r == 0
 
-    def boom(_x):
+    def boom(*_args):
         raise AssertionError("rank 0 must skip the adapter matmuls")
 
-    layer._adapter_out = boom
+    layer._add_adapter = boom
     x = torch.randn(3, N_IN)
     assert torch.equal(layer(x), ref(x))
     assert torch.count_nonzero(layer.delta_weight()) == 0
