@@ -253,10 +253,15 @@ class RankAllocator:
             if self.final_scores is None:
                 raise RuntimeError("no importance scores: pruning is off (prune=False or target_r >= init_r)")
             return self.final_scores.clone()
-        s = element_scores(self.ema_ipt, self.ema_unc)  # (numel,)
-        parts = [(g.a_block(s).mean(-1) + g.b_block(s).mean(1)).reshape(-1) for g in self.groups]  # (n_g*r,)
-        score = torch.cat(parts) if parts else s.new_zeros(0)
-        return score + s[:n_trip] if self.svd else score
+        ipt, unc = self.ema_ipt, self.ema_unc
+        if unc is None:  # sensitivity only: s = Ī
+            parts = [(g.a_block(ipt).mean(-1) + g.b_block(ipt).mean(1)).reshape(-1) for g in self.groups]
+        else:  # s = Ī ⊙ Ū, reduced per row / column without materialising the full product
+            parts = [(torch.linalg.vecdot(g.a_block(ipt), g.a_block(unc)) / g.n_in  # (n_g, r): mean_j s(A_ij)
+                      + torch.linalg.vecdot(g.b_block(ipt), g.b_block(unc), dim=1) / g.n_out).reshape(-1)
+                     for g in self.groups]
+        score = torch.cat(parts) if parts else ipt.new_zeros(0)  # (n_trip,) in self.order
+        return score + element_scores(ipt[:n_trip], None if unc is None else unc[:n_trip]) if self.svd else score
 
     @torch.no_grad()
     def _apply(self, keep: torch.Tensor) -> None:

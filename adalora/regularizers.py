@@ -9,11 +9,6 @@ import torch
 from .layers import AdapterLayer, SVDLinear
 
 
-def _gram_dev(m: torch.Tensor) -> torch.Tensor:
-    gram = m @ m.T  # (r, r)
-    return gram - torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-
-
 def orthogonal_regularization(adapters: Mapping[str, AdapterLayer] | Iterable[AdapterLayer],
                               form: str = "reference", include_pruned: bool = False) -> torch.Tensor:
     """R = penalty on Q Qᵀ − I and Pᵀ P − I over every SVD adapter of rank > 0.
@@ -30,6 +25,7 @@ def orthogonal_regularization(adapters: Mapping[str, AdapterLayer] | Iterable[Ad
         raise ValueError(f"orthogonal_regularization(form={form!r}): use 'reference' or 'paper'")
     layers = adapters.values() if isinstance(adapters, Mapping) else adapters
     terms = []
+    groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for layer in layers:
         if not isinstance(layer, SVDLinear):
             continue
@@ -37,9 +33,14 @@ def orthogonal_regularization(adapters: Mapping[str, AdapterLayer] | Iterable[Ad
         if layer.rank_keep is not None and not include_pruned:  # final phase: the pruned triplets are gone
             a, b = a.index_select(0, layer.rank_keep), b.index_select(1, layer.rank_keep)
         if a.shape[0] > 0:
-            for dev in (_gram_dev(a), _gram_dev(b.T)):
-                terms.append(dev.square().sum() if form == "paper" else torch.linalg.matrix_norm(dev))
+            groups.setdefault((a.shape, b.shape), []).append((a, b))
+    for pairs in groups.values():  # same shapes: one batched product per group instead of one per module
+        q = torch.stack([a for a, _ in pairs])  # (n, r, in)
+        p = torch.stack([b for _, b in pairs])  # (n, out, r)
+        for gram in (q @ q.transpose(1, 2), p.transpose(1, 2) @ p):  # (n, r, r): Q Qᵀ and Pᵀ P
+            dev = gram - torch.eye(gram.shape[-1], device=gram.device, dtype=gram.dtype)
+            terms.append(dev.square().sum((1, 2)) if form == "paper" else torch.linalg.matrix_norm(dev))
     if not terms:
         return torch.zeros(())
-    total = torch.stack(terms)
+    total = torch.cat(terms)  # one entry per matrix: 2 per adapted module
     return total.sum() if form == "paper" else total.mean()

@@ -344,8 +344,8 @@ def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, w
         return f"{t} {m}{unit} {'↑' if hib else '↓'}"
 
     header = ["method", "target_r"] + [head(t, metric_of[t], hib_of[t]) for t in tasks]
-    header += [head(t, m, True) for t, m in extras] + ["seeds (n)", "trainable params", "adapter params at final budget",
-                                               "wall time (s)"]
+    header += [head(t, m, True) for t, m in extras]
+    header += ["seeds (n)", "trainable params", "adapter params at final budget", "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---:"] + ["---:"] * (len(header) - 2)) + "|"]
     for method, target_r in keys:
         cells = [_md_cell(method), _fmt_r(target_r)]
