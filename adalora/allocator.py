@@ -20,7 +20,7 @@ import torch
 from .config import AdaLoRAConfig, ConfigError
 from .layers import AdapterLayer, LoRALinear, SVDLinear
 from .schedule import budget_schedule
-from .scores import element_scores, fused_importance_update, select_top, update_importance
+from .scores import FUSE_MIN_NUMEL, element_scores, fused_importance_update, select_top, update_importance
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,9 @@ class StepInfo:
 class _Group:
     """Modules sharing (r, in, out): their A's and B's sit back to back in the flat buffer."""
 
-    def __init__(self, names, r, n_in, n_out, a_off, b_off, t_off):
+    def __init__(self, names, r, n_in, n_out, a_off, b_off):
         self.names, self.r, self.n_in, self.n_out = names, r, n_in, n_out
-        self.a_off, self.b_off, self.t_off = a_off, b_off, t_off  # A block, B block, first triplet
+        self.a_off, self.b_off = a_off, b_off  # where the A block and the B block start
 
     def a_block(self, flat):  # (n, r, in)
         n = len(self.names)
@@ -89,7 +89,10 @@ class RankAllocator:
         self._warned_repeat = False
         self._build_layout()
         self.keep = torch.ones(self.init_budget, dtype=torch.bool, device=self._w.device)
-        self._update = fused_importance_update(self._w) if fused is None or fused else update_importance
+        if fused is False:
+            self._update = update_importance
+        else:  # None: fuse only large buffers; True: always, if torch.compile works here
+            self._update = fused_importance_update(self._w, min_numel=0 if fused else FUSE_MIN_NUMEL)
         if fused and self._update is update_importance:
             warnings.warn("RankAllocator(fused=True): torch.compile is not usable here; using the eager update",
                           stacklevel=2)
@@ -114,13 +117,11 @@ class RankAllocator:
         n_trip = sum(self.ranks)
         off = n_trip if self.svd else 0  # SVD: all singular values first, so masking is one op
         self.groups: list[_Group] = []
-        t_off = 0
         for (r, n_in, n_out), names in keyed.items():
             a_off = off
             b_off = a_off + len(names) * r * n_in
             off = b_off + len(names) * n_out * r
-            self.groups.append(_Group(names, r, n_in, n_out, a_off, b_off, t_off))
-            t_off += len(names) * r
+            self.groups.append(_Group(names, r, n_in, n_out, a_off, b_off))
         # triplet order == self.order (groups are contiguous runs of it)
         # (module, attribute, offset): the parameters are looked up on the modules, so a replaced
         # Parameter object (load_state_dict(assign=True)) is noticed by _check_views
@@ -136,7 +137,6 @@ class RankAllocator:
                 self._span_src.append((a, "lora_A", g.a_off + i * g.r * g.n_in))
                 self._span_src.append((a, "lora_B", g.b_off + i * g.n_out * g.r))
         self._spans: list[tuple[torch.nn.Parameter, int]] = [(getattr(m, k), o) for m, k, o in self._span_src]
-        self._numel = off
         self._w = torch.empty(off, device=ref.device, dtype=ref.dtype)
         self._g = torch.zeros_like(self._w)
         with torch.no_grad():
@@ -212,8 +212,7 @@ class RankAllocator:
             return self._info(t, False)
         self._check_views()
         cfg = self.cfg
-        sched = budget_schedule(t, init_budget=self.init_budget, target_budget=self.target_budget, tinit=cfg.tinit,
-                                tfinal=cfg.tfinal, total_steps=cfg.total_steps, delta_t=cfg.delta_t)
+        sched = self._schedule(t)
         if sched.phase != "final" and self.ema_ipt is not None:
             with torch.no_grad():
                 self._update(self._w, self._gather_grads(), self.ema_ipt, self.ema_unc, cfg.beta1, cfg.beta2)
@@ -236,10 +235,13 @@ class RankAllocator:
             return StepInfo(t, self.init_budget, False, "off")
         if self.compacted or self.final_keep is not None:
             return StepInfo(t, self.target_budget, masked, "final")
-        cfg = self.cfg
-        s = budget_schedule(t, init_budget=self.init_budget, target_budget=self.target_budget, tinit=cfg.tinit,
-                            tfinal=cfg.tfinal, total_steps=cfg.total_steps, delta_t=cfg.delta_t)
+        s = self._schedule(t)
         return StepInfo(t, s.budget, masked, s.phase)
+
+    def _schedule(self, t: int):
+        c = self.cfg
+        return budget_schedule(t, init_budget=self.init_budget, target_budget=self.target_budget, tinit=c.tinit,
+                               tfinal=c.tfinal, total_steps=c.total_steps, delta_t=c.delta_t)
 
     @torch.no_grad()
     def triplet_scores(self) -> torch.Tensor:

@@ -92,7 +92,7 @@ def _to_device(batch, device):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def glue_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Workload:
+def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
     from .data import GLUE_TASKS, load_task, make_loader, tokenize
     from .metrics import MAIN_METRIC, compute_metrics
     from .models import build_classifier, load_tokenizer
@@ -145,7 +145,7 @@ def glue_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Worklo
     return Workload(model, len(train_loader), epoch_batches, loss_fn, evaluate, MAIN_METRIC[task], True)
 
 
-def planted_workload(cfg: RunConfig, run_dir: Path, device: torch.device) -> Workload:
+def planted_workload(cfg: RunConfig, device: torch.device) -> Workload:
     from .planted import PlantedRankTask, make_planted_task
 
     p = cfg.task.planted
@@ -292,7 +292,7 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
     if planted != (cfg.model.kind == "resmlp"):
         raise ConfigError(f"task={cfg.task.name} with model.kind={cfg.model.kind}: the planted_rank task uses "
                           "model=resmlp, GLUE tasks a text model (minilm, tiny_bert, tiny_gpt2, hub)")
-    work = planted_workload(cfg, run_dir, device) if planted else glue_workload(cfg, run_dir, device)
+    work = planted_workload(cfg, device) if planted else glue_workload(cfg, device)
     model = work.model
     accum = max(1, cfg.grad_accum)
     steps_per_epoch = max(1, work.batches_per_epoch // accum)
