@@ -181,6 +181,9 @@ def validate_run_config(cfg: RunConfig) -> None:
           "expected none, jsonl or wandb", "logger=jsonl")
     _need(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", repr(cfg.logger.mode),
           "expected offline, online or disabled", "logger.mode=offline")
+    if (cfg.task.name == "planted_rank") != (cfg.model.kind == "resmlp"):
+        raise ConfigError(f"task={cfg.task.name} with model.kind={cfg.model.kind}: the planted_rank task uses "
+                          "model=resmlp, GLUE tasks a text model (minilm, tiny_bert, tiny_gpt2, hub)")
     if cfg.model.kind == "hub" and not cfg.model.path:
         raise ConfigError("model.path is empty: model=hub needs a Hub name or a local folder. "
                           "Fix: e.g. model.path=bert-base-uncased")
