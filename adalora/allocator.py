@@ -136,13 +136,17 @@ class RankAllocator:
                 a = adapters[n]
                 self._span_src.append((a, "lora_A", g.a_off + i * g.r * g.n_in))
                 self._span_src.append((a, "lora_B", g.b_off + i * g.n_out * g.r))
-        self._spans: list[tuple[torch.nn.Parameter, int]] = [(getattr(m, k), o) for m, k, o in self._span_src]
         self._w = torch.empty(off, device=ref.device, dtype=ref.dtype)
         self._g = torch.zeros_like(self._w)
+        # one record per span (module, attribute, parameter, its data pointer, its grad view), so the
+        # per-step checks in _views_intact / _gather_grads are a single cheap loop
+        self._fast = []
         with torch.no_grad():
-            for p, o in self._spans:
+            for m, k, o in self._span_src:
+                p = getattr(m, k)
                 self._w[o:o + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self._w[o:o + p.numel()].view(p.shape)
+                self._fast.append((m, k, p, p.data_ptr(), self._g[o:o + p.numel()].view(p.shape)))
         if not self.svd:  # prune-LoRA: the gates are views of one flat mask too
             self._gate = torch.ones(n_trip, device=ref.device, dtype=ref.dtype)
             t = 0
@@ -151,9 +155,6 @@ class RankAllocator:
                 self._gate[t:t + a.r].copy_(a.lora_mask)
                 a.lora_mask = self._gate[t:t + a.r]
                 t += a.r
-        # one precomputed record per span, so the per-step checks are a single cheap loop
-        self._fast = [(m, k, p, p.data_ptr(), self._g[o:o + p.numel()].view(p.shape))
-                      for (m, k, o), (p, _) in zip(self._span_src, self._spans)]
         self._gates = [] if self.svd else [(self.adapters[n], self.adapters[n].lora_mask.data_ptr())
                                           for n in self.order]
 

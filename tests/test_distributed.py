@@ -57,7 +57,7 @@ def _global_batches():
 def _grads_in_flat(alloc: RankAllocator) -> bool:
     g = alloc._g
     lo, hi = g.data_ptr(), g.data_ptr() + g.numel() * g.element_size()
-    return all(p.grad is not None and lo <= p.grad.data_ptr() < hi for p, _ in alloc._spans)
+    return all(p.grad is not None and lo <= p.grad.data_ptr() < hi for _, _, p, _, _ in alloc._fast)
 
 
 def run_scenario(name: str) -> dict:

@@ -291,7 +291,7 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
     planted = cfg.task.name == "planted_rank"
     work = planted_workload(cfg, device) if planted else glue_workload(cfg, device)
     model = work.model
-    accum = max(1, cfg.grad_accum)
+    accum = cfg.grad_accum  # validated >= 1
     steps_per_epoch = max(1, work.batches_per_epoch // accum)
     total_steps = cfg.max_steps if cfg.max_steps else max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
     mcfg = build_method_config(cfg.method, cfg.model, total_steps)
