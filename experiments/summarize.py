@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Summarize a sweep of AdaLoRA runs: a mean ± std table, a comparison plot and aggregate rank heat maps.
 
-    python experiments/summarize.py MULTIRUN_DIR [--out DIR] [--which final|best] [--no-plots]
+    python experiments/summarize.py MULTIRUN_DIR [--out DIR] [--which final|best] [--by KEY ...] [--no-plots]
 
 Walks MULTIRUN_DIR for run folders (any folder holding ``summary.json``, ``config.yaml``, ``metrics.jsonl``
 or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--out`` (default MULTIRUN_DIR):
@@ -12,6 +12,9 @@ or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--o
 - ``summary.csv``: the same numbers in long form, one row per (task, method, target_r, metric).
 - ``comparison.png`` and ``rank_heatmap_<task>_<method>_r<target_r>.png`` (mean rank per module over seeds,
   beside the planted ranks when the run has ``planted_ranks.json``) for adaptive methods.
+
+``--by optim.lr`` (any dotted key of the runs' resolved config.yaml, repeatable) splits each row by that value,
+e.g. ``lora optim.lr=0.001``: the table of a learning-rate sweep.
 
 Importable: ``summarize(multirun_dir, out_dir=None) -> dict``, ``collect_runs(dir)``, ``load_run(dir)``.
 """
@@ -172,6 +175,7 @@ def load_run(run_dir, root=None) -> dict:
         "rank_pattern": None,
         "planted_ranks": None,
         "has_history": (run_dir / "rank_history.jsonl").is_file(),
+        "config": cfg if isinstance(cfg, dict) else {},
     }
     for key, fname in (("rank_pattern", "rank_pattern.json"), ("planted_ranks", "planted_ranks.json")):
         try:
@@ -451,7 +455,17 @@ def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
     return paths
 
 
-def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = True, quiet: bool = True) -> dict:
+def split_by(runs: list[dict], keys: list[str]) -> list[dict]:
+    """Runs whose method label carries the value of each dotted config key (``lora optim.lr=0.001``)."""
+    out = []
+    for run in runs:
+        tags = [f"{k}={_cfg_get(run['config'], k, 'unset')}" for k in keys]
+        out.append({**run, "method": " ".join([str(run["method"])] + tags)})
+    return out
+
+
+def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = True, quiet: bool = True,
+              by: list[str] | None = None) -> dict:
     """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring).
 
     Returns ``{"runs", "rows", "failed", "markdown", "table", "files": {"md", "csv", "comparison", "heatmaps"}}``
@@ -466,6 +480,8 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     runs = collect_runs(root)
     if not runs:
         raise SummarizeError(f"no run folder (with summary.json or config.yaml) found under {root}")
+    if by:
+        runs = split_by(runs, list(by))
     out = Path(out_dir) if out_dir is not None else root
     out.mkdir(parents=True, exist_ok=True)
 
@@ -492,10 +508,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: MULTIRUN_DIR)")
     parser.add_argument("--which", choices=("final", "best"), default="final",
                         help="use each run's final (default) or best eval metrics")
+    parser.add_argument("--by", action="append", default=[], metavar="KEY",
+                        help="also split rows by this dotted config key, e.g. --by optim.lr (repeatable)")
     parser.add_argument("--no-plots", action="store_true", help="write only summary.md and summary.csv")
     args = parser.parse_args(argv)
     try:
-        result = summarize(args.multirun_dir, args.out, which=args.which, plots_=not args.no_plots, quiet=False)
+        result = summarize(args.multirun_dir, args.out, which=args.which, plots_=not args.no_plots, quiet=False,
+                           by=args.by)
     except SummarizeError as e:
         print(f"summarize.py: error: {e}", file=sys.stderr)
         return 2

@@ -150,6 +150,7 @@ ROWS = [
         r"non-finite training loss at step 2 \(lr=[\d.e+]+\)\. Lower optim\.lr, set optim\.max_grad_norm, "
         r"or skip_nonfinite=true", pre_compute=False, sub=True),
     Bad("device_cuda_without_gpu", ("device=cuda",), r"device=cuda", skip_if_cuda=True),
+    Bad("precision_unknown", ("precision=fp16",), r"precision='fp16': expected fp32 or bf16\. Fix: precision=fp32"),
     Bad("batch_size_zero", ("batch_size=0",), r"batch_size=0"),
     Bad("seed_negative", ("seed=-1",), r"seed=-1"),
     Bad("log_every_zero", ("log_every=0",), r"log_every=0"),

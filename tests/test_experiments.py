@@ -158,3 +158,38 @@ def test_compaction_on_off_same_losses(tmp_path):
     assert s_on["final"]["eval_loss"] == pytest.approx(s_off["final"]["eval_loss"], rel=1e-5)
     assert s_on["final_budget"] == s_off["final_budget"] == 24
     assert s_on["adapter_params"] == s_off["adapter_params"]
+
+
+def test_bf16_autocast_close_to_fp32(tmp_path):
+    """precision=bf16 autocasts the forward only: same trainable set, losses within bf16 rounding of fp32."""
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run_dir = tmp_path / precision
+        s = run(["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2", "log_every=1",
+                 f"precision={precision}"], run_dir)
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[precision] = ([r["loss"] for r in rows if r["split"] == "train"], s)
+    (l32, s32), (l16, s16) = losses["fp32"], losses["bf16"]
+    assert l32 != l16  # autocast really ran in bf16
+    assert l16 == pytest.approx(l32, rel=2e-2)
+    assert s16["trainable_params"] == s32["trainable_params"] and s16["final_budget"] == s32["final_budget"]
+
+
+@pytest.mark.parametrize("task,epochs,lr,subset", [("sst2", 2.0, 3e-3, 8000), ("cola", 3.0, 1e-3, None)])
+def test_glue_compare_protocol_per_task(task, epochs, lr, subset):
+    """The preset's per-task protocol resolves; a task it does not list (cola, stsb) gets the fallbacks."""
+    cfg = compose_run(["experiment=glue_compare", f"task={task}"])
+    assert (cfg.epochs, cfg.optim.lr, cfg.task.max_train_examples) == (epochs, lr, subset)
+    assert cfg.precision == "bf16" and cfg.method.tinit + cfg.method.tfinal == 0.5  # decreasing phase = half
+    assert compose_run(["experiment=glue_compare", f"task={task}", "method=lora"]).optim.lr == 1e-3  # per method
+
+
+@pytest.mark.parametrize("task,metric", [("cola", "matthews"), ("stsb", "pearson")])
+def test_glue_compare_preset_on_tasks_outside_shared(task, metric, tmp_path, fixture_glue):
+    """A new user's GLUE task (CoLA, STS-B) runs from the same preset by pointing task.data_dir at a GLUE folder."""
+    s = run(["experiment=glue_compare", f"task={task}", f"task.data_dir={fixture_glue}", "debug=fast"],
+            tmp_path / "run")
+    check_run_folder(tmp_path / "run")
+    assert s["main_metric"] == metric and metric in s["final"]

@@ -305,3 +305,38 @@ def test_summarize_raises_on_missing_dir(tmp_path):
     summ = load_summarize()
     with pytest.raises(summ.SummarizeError):
         summ.summarize(tmp_path / "missing")
+
+
+def test_by_splits_rows_by_a_config_value(tmp_path):
+    """--by optim.lr: one row per (method, lr), each the mean over its own seeds (a learning-rate sweep table)."""
+    accs = {("lora", 0.001): [0.6, 0.7], ("lora", 0.003): [0.5, 0.5], ("adalora", 0.001): [0.8, 0.9]}
+    for (method, lr), values in accs.items():
+        for seed, acc in enumerate(values):
+            folder = write_run(tmp_path / "sweep" / f"{method}_{lr}" / f"seed={seed}", task="rte", method=method,
+                               target_r=2, seed=seed, final={"accuracy": acc})
+            (folder / "config.yaml").write_text(f"method:\n  name: {method}\ntask:\n  name: rte\nseed: {seed}\n"
+                                                f"optim:\n  lr: {lr}\n")
+    out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "sweep"), "--by", "optim.lr", "--no-plots"],
+                         capture_output=True, text=True, check=True)
+    rows = {(r["method"], r["n"]): float(r["mean"]) for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))}
+    assert rows == pytest.approx({("lora optim.lr=0.001", "2"): 0.65, ("lora optim.lr=0.003", "2"): 0.5,
+                                  ("adalora optim.lr=0.001", "2"): 0.85})
+    assert "| lora optim.lr=0.003 | 2 | 50.00 ± 0.00 |" in out.stdout
+
+
+def test_collect_results_copies_small_files_only(tmp_path):
+    """collect_results.py: configs, metrics, summaries and rank files travel; weights and failed runs do not."""
+    sweep = make_multirun(tmp_path / "multirun")
+    for run in sweep.rglob("summary.json"):
+        (run.parent / "checkpoints").mkdir()
+        (run.parent / "checkpoints" / "step_3.pt").write_bytes(b"weights")
+        (run.parent / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    dest = tmp_path / "published"
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "collect_results.py"), str(sweep), str(dest)],
+                         capture_output=True, text=True, check=True)
+    completed = [p for p in sweep.rglob("summary.json") if json.loads(p.read_text())["status"] == "completed"]
+    assert len(completed) == 23 and "copied 23 run folders" in out.stdout and "skipped 1" in out.stdout
+    assert {p.name for p in dest.rglob("*") if p.is_file()} == {
+        "config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
+        "planted_ranks.json", "multirun.yaml"}
+    assert load_summarize().summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own

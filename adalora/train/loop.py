@@ -123,8 +123,13 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         train_loader.batch_sampler.set_epoch(epoch, start_batch=start)  # order = f(seed, epoch): resumable
         return iter(train_loader)
 
+    def forward(m: nn.Module, batch):
+        # bf16 autocast covers the matmuls only: parameters, gradients, Adam and the allocator's scores stay fp32
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            return m(**_to_device(batch, device))
+
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        return m(**_to_device(batch, device)).loss
+        return forward(m, batch).loss.float()
 
     @torch.no_grad()
     def evaluate(m: nn.Module) -> dict:
@@ -132,7 +137,7 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         m.eval()
         preds, labels, loss_sum = [], [], 0.0
         for batch in dev_loader:
-            out = m(**_to_device(batch, device))  # logits: (B, C), or (B, 1) for regression
+            out = forward(m, batch)  # logits: (B, C), or (B, 1) for regression
             loss_sum += out.loss.item() * batch["labels"].shape[0]
             preds.append(out.logits.float().cpu().numpy())
             labels.append(batch["labels"].numpy())

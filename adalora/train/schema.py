@@ -131,6 +131,7 @@ class RunConfig:
     resume: Optional[str] = None  # a checkpoint file or run folder; by default the run folder's own newest
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
     device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the model's forward; weights, optimizer and scores stay fp32)
     deterministic: bool = False
     threads: Optional[int] = None
     progress: bool = True
@@ -177,6 +178,8 @@ def validate_run_config(cfg: RunConfig) -> None:
 
         _need(torch.cuda.is_available(), "device", cfg.device, "no CUDA GPU is available here",
               "device=auto (uses a GPU when there is one) or device=cpu")
+    _need(cfg.precision in ("fp32", "bf16"), "precision", repr(cfg.precision), "expected fp32 or bf16",
+          "precision=fp32, or precision=bf16 on a GPU or a CPU with bf16 units (AMX / AVX512-BF16)")
     _need(cfg.logger.name in ("none", "jsonl", "wandb"), "logger.name", repr(cfg.logger.name),
           "expected none, jsonl or wandb", "logger=jsonl")
     _need(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", repr(cfg.logger.mode),
