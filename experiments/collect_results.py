@@ -63,7 +63,8 @@ def main(argv=None) -> int:
             print(f"collect_results.py: error: {fig} does not exist", file=sys.stderr)
             return 2
         s = json.loads((run / "summary.json").read_text())
-        shutil.copy2(fig, args.dest_dir / f"rank_history_{s['task']}_{s['method']}_r{s['target_r']}_seed{s['seed']}.png")
+        name = f"rank_history_{s['task']}_{s['method']}_r{s['target_r']}_seed{s['seed']}.png"
+        shutil.copy2(fig, args.dest_dir / name)
     print(f"copied {len(copied)} run folders to {args.dest_dir}; skipped {len(skipped)}")
     for line in skipped:
         print(f"  skipped {line}")
