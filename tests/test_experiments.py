@@ -193,3 +193,17 @@ def test_glue_compare_preset_on_tasks_outside_shared(task, metric, tmp_path, fix
             tmp_path / "run")
     check_run_folder(tmp_path / "run")
     assert s["main_metric"] == metric and metric in s["final"]
+
+
+def test_rerun_of_a_finished_run_reuses_it(tmp_path):
+    """Rerunning a finished run (a sweep started again) touches nothing and returns the recorded summary."""
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(f"{SHARED_GLUE} not present")
+    run_dir = tmp_path / "run"
+    args = ["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2"]
+    first = run(args, run_dir)
+    files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert run(args, run_dir) == first
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
+    with pytest.raises(Exception, match="another config"):  # a changed config is still refused
+        run(args + ["optim.lr=0.5"], run_dir)

@@ -13,6 +13,7 @@ masks are broadcast from rank 0 after each masking step, and only rank 0 writes 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -222,6 +223,17 @@ def _find_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict] | None:
     return latest_checkpoint(run_dir)
 
 
+def _finished_summary(run_dir: Path, step: int) -> dict | None:
+    """The run folder's summary if it records a completed run that ended at this checkpoint's step."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(summary, dict) and summary.get("status") == "completed" and summary.get("total_steps") == step:
+        return summary
+    return None
+
+
 def _record_setup_failure(cfg: RunConfig, run_dir, error: BaseException) -> None:
     """A run that fails before its loop starts still says why in summary.json (for sweeps and summaries);
     a folder that already holds a summary (a finished or resumed run) is left untouched."""
@@ -281,6 +293,10 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
         if diff:
             raise ConfigError(f"{resume[0]} was written by a run with another config ({'; '.join(diff[:5])}). "
                               "Resume with the same config, or start in a new run folder (hydra.run.dir=...)")
+        done = _finished_summary(run_dir, resume[1]["step"])
+        if done is not None:  # a finished run is reused as it is: rerunning a sweep only runs what is missing
+            return done
+        t_start -= resume[1].get("elapsed", 0.0)  # wall time adds up over the pieces of a killed run
     if main:
         atomic_write(run_dir / "config.yaml",
                      lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
@@ -353,7 +369,8 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
             "step": t, "epoch": epoch, "consumed": consumed, "config": cfg_dict,
             "model": {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()},
             "optimizer": optimizer.state_dict(), "allocator": allocator.state_dict() if allocator else None,
-            "rng": rng_state(), "loss_ema": loss_ema, "best": best, "last_eval": last_eval, "skipped": skipped,
+            "rng": rng_state(), "elapsed": time.time() - t_start,
+            "loss_ema": loss_ema, "best": best, "last_eval": last_eval, "skipped": skipped,
         }, cfg.keep_checkpoints)
 
     bar = None
@@ -472,8 +489,6 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
 def _figures(run_dir: Path, ranks: dict, planted: dict | None, log: RunLog) -> None:
     if not ranks:
         return
-    import json
-
     from .plots import rank_heatmap, rank_history_plot
 
     fig_dir = run_dir / "figures"
