@@ -10,6 +10,7 @@ or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--o
   task's main metric (sample std, ddof=1), the seed count, trainable parameters and wall time; failed or
   incomplete runs are listed with their folder and error. Also printed to stdout.
 - ``summary.csv``: the same numbers in long form, one row per (task, method, target_r, metric).
+- a "Where the budget went" table: mean final rank per module type and per layer, for adaptive methods.
 - ``comparison.png`` and ``rank_heatmap_<task>_<method>_r<target_r>.png`` (mean rank per module over seeds,
   beside the planted ranks when the run has ``planted_ranks.json``) for adaptive methods.
 
@@ -45,7 +46,8 @@ def _plots():
 
     return plots
 
-__all__ = ["SummarizeError", "read_json", "read_jsonl", "load_run", "collect_runs", "aggregate", "summarize", "main"]
+__all__ = ["SummarizeError", "read_json", "read_jsonl", "load_run", "collect_runs", "aggregate", "allocation_rows",
+           "summarize", "main"]
 
 # Extra final metrics given their own column (and CSV rows) when a task reports them.
 EXTRA_METRICS = ("rank_recovery",)
@@ -464,6 +466,47 @@ def split_by(runs: list[dict], keys: list[str]) -> list[dict]:
     return out
 
 
+def allocation_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
+    """Where the final budget went, per adaptive (task, method, target_r): the mean final rank of each module type
+    (over layers) and of each layer (over types), averaged over seeds."""
+    import numpy as np
+
+    usable = {(r["task"], r["method"], r["target_r"]) for r in rows if r["is_main"]}
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        key = (run["task"], run["method"], run["target_r"])
+        if key in usable and run["status"] == "completed" and isinstance(run["rank_pattern"], dict) \
+                and run["rank_pattern"]:
+            groups.setdefault(key, []).append(run["rank_pattern"])
+    out = []
+    for (task, method, target_r), patterns in sorted(groups.items(), key=lambda kv: (
+            _order(kv[0][0], TASK_ORDER), _order(kv[0][1], METHOD_ORDER), _r_key(kv[0][2]))):
+        if not _is_adaptive(method, patterns):
+            continue
+        mat, layers, types = _plots().rank_matrix(_mean_pattern(patterns))  # (types, layers), NaN = no module
+        out.append({"task": task, "method": method, "target_r": target_r, "n": len(patterns),
+                    "by_type": dict(zip(types, np.nanmean(mat, axis=1).tolist())),
+                    "by_layer": dict(zip(layers, np.nanmean(mat, axis=0).tolist()))})
+    return out
+
+
+def _allocation_markdown(alloc: list[dict]) -> list[str]:
+    if not alloc:
+        return []
+    types = list(dict.fromkeys(t for a in alloc for t in a["by_type"]))
+    layers = sorted({layer for a in alloc for layer in a["by_layer"]})
+    head = ["task", "method", "target_r", "seeds"] + types + [f"layer {x}" for x in layers]
+    lines = ["## Where the budget went", "",
+             "Mean final rank per module type (over layers) and per layer (over module types), mean over seeds.",
+             "", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for a in alloc:
+        cells = [a["task"], _md_cell(a["method"]), _fmt_r(a["target_r"]), str(a["n"])]
+        cells += [f"{a['by_type'][t]:.2f}" if t in a["by_type"] else "-" for t in types]
+        cells += [f"{a['by_layer'][x]:.2f}" if x in a["by_layer"] else "-" for x in layers]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = True, quiet: bool = True,
               by: list[str] | None = None) -> dict:
     """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring).
@@ -493,12 +536,16 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
                                               title=f"{which} {metrics} (mean ± std over seeds)")
         heatmaps = _heatmaps(runs, rows, out)
     markdown, table = _markdown(rows, bad, runs, str(root), which, heatmaps, comparison)
+    alloc = allocation_rows(runs, rows)
+    if alloc:
+        head, sep, figures = markdown.partition("## Figures")
+        markdown = head + "\n".join(_allocation_markdown(alloc)) + "\n" + sep + figures
     md_path, csv_path = out / "summary.md", out / "summary.csv"
     md_path.write_text(markdown)
     _write_csv(rows, csv_path)
     if not quiet:
         print(markdown)
-    return {"runs": runs, "rows": rows, "failed": bad, "markdown": markdown, "table": table,
+    return {"runs": runs, "rows": rows, "failed": bad, "markdown": markdown, "table": table, "allocation": alloc,
             "files": {"md": str(md_path), "csv": str(csv_path), "comparison": comparison, "heatmaps": heatmaps}}
 
 

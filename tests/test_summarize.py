@@ -340,3 +340,16 @@ def test_collect_results_copies_small_files_only(tmp_path):
         "config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
         "planted_ranks.json", "multirun.yaml"}
     assert load_summarize().summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
+
+
+def test_allocation_rows_mean_rank_by_type_and_layer(summarized):
+    """'Where the budget went': seed-mean rank per module type and per layer, adaptive methods only."""
+    _, _, result = summarized
+    alloc = {(a["task"], a["method"], a["target_r"]): a for a in result["allocation"]}
+    assert ("rte", "lora", 2) not in alloc  # uniform LoRA has no allocation to report
+    a = alloc["rte", "adalora", 2]
+    assert a["n"] == 3
+    assert a["by_type"] == pytest.approx({"query": (2 + 7 / 3 + 2) / 2, "value": (2 - 2 / 3 + 2) / 2,
+                                          "ffn.in": (2 + 0) / 2})
+    assert a["by_layer"] == pytest.approx({0: (2 + 7 / 3 + 2 - 2 / 3 + 2) / 3, 1: (2 + 2 + 0) / 3})
+    assert "## Where the budget went" in result["markdown"]
