@@ -204,6 +204,7 @@ def test_rerun_of_a_finished_run_reuses_it(tmp_path):
     first = run(args, run_dir)
     files = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert run(args, run_dir) == first
+    assert run(args + ["+extra.table=edited"], run_dir) == first  # `extra` only feeds interpolation
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
     with pytest.raises(Exception, match="another config"):  # a changed config is still refused
         run(args + ["optim.lr=0.5"], run_dir)

@@ -195,7 +195,7 @@ def adapter_param_count(adapters: dict[str, AdapterLayer], ranks: dict[str, int]
 # ---------------------------------------------------------------------------------------------- train
 def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Keys whose values differ, ignoring those that do not change the computation."""
-    ignore = {"progress", "logger", "resume", "keep_checkpoints", "checkpoint_every", "threads", "traceback"}
+    ignore = {"progress", "logger", "resume", "keep_checkpoints", "checkpoint_every", "threads", "traceback", "extra"}
     out = []
     for k in sorted(set(saved) | set(current)):
         if not prefix and k in ignore:

@@ -136,6 +136,8 @@ class RunConfig:
     threads: Optional[int] = None
     progress: bool = True
     traceback: bool = False  # print the full traceback on a user error instead of one line
+    # free-form values for interpolation (e.g. glue_compare's per-task protocol table); the loop never reads it,
+    # so a resumed or reused run compares the resolved fields, not this table
     extra: dict = field(default_factory=dict)
 
 
