@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup test test-slow lint compare clean
+.PHONY: setup test test-slow lint compare glue clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,15 @@ compare: setup
 	$(BIN)/python experiments/train.py -m experiment=planted_rank logger=none progress=false \
 		hydra.sweep.dir=multirun/planted_rank
 	$(BIN)/python experiments/summarize.py multirun/planted_rank
+
+# The GLUE protocol (experiments/results/glue_minilm): MiniLM, RTE / MRPC / SST-2, LoRA vs AdaLoRA at r=2 and 8,
+# 3 seeds, then the RTE ablation in the same folder (its AdaLoRA and LoRA cells are the main grid's, reused).
+# About 2.5 hours on 2 CPU cores; rerunning resumes killed runs and skips finished ones.
+GLUE_ARGS := hydra/launcher=parallel threads=1 progress=false logger=none hydra.sweep.dir=multirun/glue
+glue: setup
+	$(BIN)/python experiments/train.py -m experiment=glue_compare $(GLUE_ARGS)
+	$(BIN)/python experiments/train.py -m experiment=ablation_scores $(GLUE_ARGS)
+	$(BIN)/python experiments/summarize.py multirun/glue
 
 clean:
 	rm -rf $(VENV) outputs multirun
