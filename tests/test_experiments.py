@@ -183,7 +183,8 @@ def test_glue_compare_protocol_per_task(task, epochs, lr, subset):
     cfg = compose_run(["experiment=glue_compare", f"task={task}"])
     assert (cfg.epochs, cfg.optim.lr, cfg.task.max_train_examples) == (epochs, lr, subset)
     assert cfg.precision == "bf16" and cfg.method.tinit + cfg.method.tfinal == 0.5  # decreasing phase = half
-    assert compose_run(["experiment=glue_compare", f"task={task}", "method=lora"]).optim.lr == 1e-3  # per method
+    for method in ("lora", "prune_lora"):  # B A adapters: LoRA's lr
+        assert compose_run(["experiment=glue_compare", f"task={task}", f"method={method}"]).optim.lr == 1e-3
 
 
 @pytest.mark.parametrize("task,metric", [("cola", "matthews"), ("stsb", "pearson")])
