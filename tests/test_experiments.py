@@ -177,9 +177,10 @@ def test_bf16_autocast_close_to_fp32(tmp_path):
     assert s16["trainable_params"] == s32["trainable_params"] and s16["final_budget"] == s32["final_budget"]
 
 
-@pytest.mark.parametrize("task,epochs,lr,subset", [("sst2", 2.0, 3e-3, 8000), ("cola", 3.0, 1e-3, None)])
+@pytest.mark.parametrize("task,epochs,lr,subset", [("sst2", 2.0, 3e-3, 8000), ("cola", 3.0, 3e-3, None),
+                                                   ("stsb", 3.0, 3e-3, None)])
 def test_glue_compare_protocol_per_task(task, epochs, lr, subset):
-    """The preset's per-task protocol resolves; a task it does not list (cola, stsb) gets the fallbacks."""
+    """The preset's per-task protocol resolves; a task it does not list (cola, stsb) takes the default row."""
     cfg = compose_run(["experiment=glue_compare", f"task={task}"])
     assert (cfg.epochs, cfg.optim.lr, cfg.task.max_train_examples) == (epochs, lr, subset)
     assert cfg.precision == "bf16" and cfg.method.tinit + cfg.method.tfinal == 0.5  # decreasing phase = half
