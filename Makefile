@@ -35,7 +35,7 @@ compare: setup
 
 # The GLUE protocol (experiments/results/glue_minilm): MiniLM, RTE / MRPC / SST-2, LoRA vs AdaLoRA at r=2 and 8,
 # 3 seeds, then the RTE ablation in the same folder (its AdaLoRA and LoRA cells are the main grid's, reused).
-# About 2.5 hours on 2 CPU cores; rerunning resumes killed runs and skips finished ones.
+# About 2 hours on 2 CPU cores; rerunning resumes killed runs and skips finished ones.
 GLUE_ARGS := hydra/launcher=parallel threads=1 progress=false logger=none hydra.sweep.dir=multirun/glue
 glue: setup
 	$(BIN)/python experiments/train.py -m experiment=glue_compare $(GLUE_ARGS)
