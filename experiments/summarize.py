@@ -433,7 +433,8 @@ def _is_adaptive(method, patterns: list[dict]) -> bool:
     return any(len({float(v) for v in p.values() if _num(v) is not None}) > 1 for p in patterns)
 
 
-def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
+def _adaptive_groups(runs: list[dict], rows: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """Completed runs with a rank pattern, grouped by (task, method, target_r) in table order, adaptive methods only."""
     usable = {(r["task"], r["method"], r["target_r"]) for r in rows if r["is_main"]}
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
@@ -441,12 +442,15 @@ def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
         if key in usable and run["status"] == "completed" and isinstance(run["rank_pattern"], dict) \
                 and run["rank_pattern"]:
             groups.setdefault(key, []).append(run)
+    ordered = sorted(groups.items(), key=lambda kv: (
+        _order(kv[0][0], TASK_ORDER), _order(kv[0][1], METHOD_ORDER), _r_key(kv[0][2])))
+    return [(key, group) for key, group in ordered if _is_adaptive(key[1], [g["rank_pattern"] for g in group])]
+
+
+def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
     paths = []
-    for (task, method, target_r), group in sorted(groups.items(), key=lambda kv: (
-            _order(kv[0][0], TASK_ORDER), _order(kv[0][1], METHOD_ORDER), _r_key(kv[0][2]))):
+    for (task, method, target_r), group in _adaptive_groups(runs, rows):
         patterns = [g["rank_pattern"] for g in group]
-        if not _is_adaptive(method, patterns):
-            continue
         planted = [g["planted_ranks"] for g in group if isinstance(g["planted_ranks"], dict) and g["planted_ranks"]]
         n = len(group)
         title = f"{task} / {method} / target_r={_fmt_r(target_r)}: " + (
@@ -471,20 +475,11 @@ def allocation_rows(runs: list[dict], rows: list[dict]) -> list[dict]:
     (over layers) and of each layer (over types), averaged over seeds."""
     import numpy as np
 
-    usable = {(r["task"], r["method"], r["target_r"]) for r in rows if r["is_main"]}
-    groups: dict[tuple, list[dict]] = {}
-    for run in runs:
-        key = (run["task"], run["method"], run["target_r"])
-        if key in usable and run["status"] == "completed" and isinstance(run["rank_pattern"], dict) \
-                and run["rank_pattern"]:
-            groups.setdefault(key, []).append(run["rank_pattern"])
     out = []
-    for (task, method, target_r), patterns in sorted(groups.items(), key=lambda kv: (
-            _order(kv[0][0], TASK_ORDER), _order(kv[0][1], METHOD_ORDER), _r_key(kv[0][2]))):
-        if not _is_adaptive(method, patterns):
-            continue
-        mat, layers, types = _plots().rank_matrix(_mean_pattern(patterns))  # (types, layers), NaN = no module
-        out.append({"task": task, "method": method, "target_r": target_r, "n": len(patterns),
+    for (task, method, target_r), group in _adaptive_groups(runs, rows):
+        mean = _mean_pattern([g["rank_pattern"] for g in group])
+        mat, layers, types = _plots().rank_matrix(mean)  # (types, layers), NaN = no module
+        out.append({"task": task, "method": method, "target_r": target_r, "n": len(group),
                     "by_type": dict(zip(types, np.nanmean(mat, axis=1).tolist())),
                     "by_layer": dict(zip(layers, np.nanmean(mat, axis=0).tolist()))})
     return out
