@@ -7,7 +7,8 @@ For every run folder under SWEEP_DIR (a folder holding summary.json) it copies, 
 config.yaml (the resolved config), summary.json, metrics.jsonl, rank_pattern.json, rank_history.jsonl and
 planted_ranks.json when present; and SWEEP_DIR/multirun.yaml. It never copies checkpoints/, adapter/ or
 model weights, so DEST_DIR can be committed. Runs that did not complete are reported and skipped.
-``--figure-of`` also copies that run's figures/rank_history.png to DEST_DIR/rank_history_<task>_<method>_r<r>_seed<s>.png.
+``--figure-of`` also copies that run's figures/rank_history.png to
+DEST_DIR/rank_history_<task>_<method>_r<r>_seed<s>.png.
 """
 
 from __future__ import annotations
