@@ -1,79 +1,12 @@
-"""Hydra entry point: compose conf/, convert to dataclasses, call adalora.train.loop.train.
+#!/usr/bin/env python
+"""Train one run, or a sweep with -m: the Hydra CLI of adalora_lab (same as the `adalora-train` command).
 
     python experiments/train.py model=minilm task=rte method=adalora method.target_r=2
     python experiments/train.py -m method=lora,adalora method.target_r=2,4 seed=0,1 debug=fast
+    python experiments/train.py --help
 """
 
-from __future__ import annotations
-
-import os
-import sys
-from pathlib import Path
-
-import hydra
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-from adalora.config import ConfigError  # noqa: E402
-from adalora.train.data import DataError  # noqa: E402
-from adalora.train.loop import train  # noqa: E402
-from adalora.train.schema import (  # noqa: E402
-    LoggerConfig,
-    MethodConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    TaskConfig,
-)
-
-cs = ConfigStore.instance()
-cs.store(name="train_schema", node=RunConfig)
-cs.store(group="model", name="model_schema", node=ModelConfig)
-cs.store(group="task", name="task_schema", node=TaskConfig)
-cs.store(group="method", name="method_schema", node=MethodConfig)
-cs.store(group="optim", name="optim_schema", node=OptimConfig)
-cs.store(group="logger", name="logger_schema", node=LoggerConfig)
-
-
-def to_dataclass(cfg: DictConfig) -> RunConfig:
-    """The composed config as plain dataclasses (what the library takes); ``???`` fields are an error."""
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{', '.join(missing)} must be set (the config leaves it as ???). "
-                          f"Fix: add e.g. {missing[0]}=... to the command line")
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), cfg))
-
-
-class RunFailed(CompactHydraException):
-    """A sweep job's user error: Hydra reports it in one line and goes on with the other jobs."""
-
-
-USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
-
-
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        run_cfg = to_dataclass(cfg)
-        summary = train(run_cfg, run_dir)
-    except USER_ERRORS as e:
-        if cfg.get("traceback") or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"adalora: error: {e}", file=sys.stderr, flush=True)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says why; the other jobs go on
-            raise RunFailed(str(e)) from None
-        sys.exit(1)
-    value = summary.get("final", {}).get(summary["main_metric"])
-    return float(value) if value is not None else None  # for sweepers that optimise (optuna)
-
+from adalora_lab.cli import run
 
 if __name__ == "__main__":
-    os.environ.setdefault("WANDB_SILENT", "true")
-    main()
+    run()

@@ -28,11 +28,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from adalora_lab.loop import train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 from test_configs import ENTRY, ROOT, compose_run
-
-from adalora.train.loop import train
 
 BASE = ["debug=fast", "model=tiny_bert", "logger=none"]
 HYDRA_ERRORS = (ConfigCompositionException, OmegaConfBaseException)
@@ -220,9 +219,8 @@ def write_data_fixtures(root: Path) -> Path:
 
 def write_three_label_model(path: Path) -> Path:
     """A local 'hub' checkpoint whose classification head has 3 labels (RTE has 2)."""
+    from adalora_lab.models import minilm_path
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from adalora.train.models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     tok.save_pretrained(path)

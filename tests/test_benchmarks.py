@@ -8,23 +8,15 @@ compaction leaves exactly the target budget.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", EXPERIMENTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"adalora_lab.{name}")
 
 
 def _rows(text: str, header_start: str) -> list[list[str]]:

@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from adalora_lab import cli  # registers the schemas in Hydra's ConfigStore
+from adalora_lab.schema import RunConfig, build_method_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-from adalora.train.schema import RunConfig, build_method_config
-
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("adalora_train_entry", ROOT / "experiments" / "train.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # registers the schemas in Hydra's ConfigStore
-    return mod
-
-
-ENTRY = _load_train_module()
+ENTRY = cli
 
 
 def options(group: str) -> list[str]:

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from adalora.train.data import (
+from adalora_lab.data import (
     GLUE_TASKS,
     DataError,
     Example,

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from adalora import AdaLoRAConfig, LoRAConfig
-from adalora.train.planted import (
+from adalora_lab.planted import (
     TARGET_MODULES,
     PlantedRankTask,
     ResidualMLP,
@@ -21,6 +19,8 @@ from adalora.train.planted import (
     rank_recovery,
     train_planted,
 )
+
+from adalora import AdaLoRAConfig, LoRAConfig
 
 SMALL = dict(dim=16, hidden=32, n_blocks=3, n_train=512, n_eval=256)
 

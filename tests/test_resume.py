@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from adalora_lab.loop import train
+from adalora_lab.resume import FAULT_ENV, latest_checkpoint
 from safetensors.torch import load_file
 from test_configs import ROOT, compose_run
-
-from adalora.train.loop import train
-from adalora.train.resume import FAULT_ENV, latest_checkpoint
 
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 # 24 steps; masking every 2 steps from step 3; final phase (frozen pattern, compaction) from step 13

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,12 +16,9 @@ SCRIPT = REPO / "experiments" / "summarize.py"
 
 
 def load_summarize():
-    if "adalora_summarize" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("adalora_summarize", SCRIPT)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["adalora_summarize"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["adalora_summarize"]
+    from adalora_lab import summary
+
+    return summary
 
 
 # ------------------------------------------------------------------------------------------- fake runs
@@ -255,7 +251,7 @@ def test_figures(summarized):
 
 def test_aggregate_heatmap_values(summarized):
     """The figure summarize draws holds the mean rank per module over seeds, the planted ranks beside it."""
-    from adalora.train import plots
+    from adalora_lab import plots
 
     summ = load_summarize()
     _, _, result = summarized

@@ -9,7 +9,6 @@ The data is a small RTE-format folder given through ADALORA_GLUE_DIR (conf/task/
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,9 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from adalora_lab.loop import train
 from test_configs import ROOT, compose_run
-
-from adalora.train.loop import train
 
 SWEEP = ["debug=fast", "model=tiny_bert", "logger=none", "method=lora,adalora", "method.target_r=2",
          "method.lora_dropout=0.0,1.0"]
@@ -116,10 +114,9 @@ def test_sweep_stderr_has_no_traceback(sweep):
 
 
 def _summarize_module():
-    spec = importlib.util.spec_from_file_location("adalora_summarize", ROOT / "experiments" / "summarize.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from adalora_lab import summary
+
+    return summary
 
 
 def test_failure_during_training_is_listed_with_its_error(sweep, tmp_path, monkeypatch):

@@ -186,7 +186,7 @@ def plant_delta(weight: torch.Tensor, rank: int, sv: float, generator: torch.Gen
 
 @dataclass
 class PlantedRankTask:
-    """Config of the planted task (fields match ``adalora.train.schema.PlantedConfig``).
+    """Config of the planted task (fields match ``adalora_lab.schema.PlantedConfig``).
 
     planted: {module name: rank} (unlisted: 0), a "name:rank,..." string, or empty for
     :func:`default_planted_ranks`. delta_scale: every planted singular value is
@@ -384,7 +384,7 @@ def benchmark_configs(target_r: int = 1, init_r: int = 6, steps: int = DEFAULT_S
     Measured on the default task: orth_reg_weight=0, score="magnitude" and prune-LoRA place the budget at least
     as well; the regularizer's gradient adds to the sensitivity |w * g| of triplets no planted direction needs.
     """
-    from ..config import AdaLoRAConfig, LoRAConfig
+    from adalora.config import AdaLoRAConfig, LoRAConfig
 
     targets = list(TARGET_MODULES)
     return {
@@ -410,10 +410,10 @@ def train_planted(task: PlantedTask, method_cfg, *, steps: int = DEFAULT_STEPS, 
     Returns evaluate()'s metrics plus rank_recovery()'s, "rank_pattern", "final_train_loss" (mean of the
     last 5% of steps), "history" ([(step, eval relative_error)] when eval_every > 0), "time_s".
     """
-    from ..allocator import RankAllocator
-    from ..config import AdaLoRAConfig
-    from ..inject import inject_adapters
-    from ..regularizers import orthogonal_regularization
+    from adalora.allocator import RankAllocator
+    from adalora.config import AdaLoRAConfig
+    from adalora.inject import inject_adapters
+    from adalora.regularizers import orthogonal_regularization
 
     if lr_schedule not in ("linear", "constant"):
         raise ValueError(f"lr_schedule={lr_schedule!r}: use 'linear' or 'constant'")
@@ -489,7 +489,7 @@ def compare(seeds: Sequence[int] = (0, 1, 2), task_cfg: PlantedRankTask | None =
     return rows
 
 
-if __name__ == "__main__":  # python -m adalora.train.planted [seeds...]: the 2-method x 3-seed comparison
+if __name__ == "__main__":  # python -m adalora_lab.planted [seeds...]: the 2-method x 3-seed comparison
     import sys
 
     torch.set_num_threads(1)  # these matrices are too small for threads to pay

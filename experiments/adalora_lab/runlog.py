@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from ..checkpoint import atomic_write
+from adalora.checkpoint import atomic_write
+
 from .schema import LoggerConfig
 
 

@@ -27,13 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
-from ..allocator import RankAllocator
-from ..checkpoint import atomic_write, save_adapter
-from ..config import AdaLoRAConfig, ConfigError
-from ..inject import count_trainable, inject_adapters, trainable_state_dict
-from ..layers import AdapterLayer
-from ..regularizers import orthogonal_regularization
+from adalora import distributed
+from adalora.allocator import RankAllocator
+from adalora.checkpoint import atomic_write, save_adapter
+from adalora.config import AdaLoRAConfig, ConfigError
+from adalora.inject import count_trainable, inject_adapters, trainable_state_dict
+from adalora.layers import AdapterLayer
+from adalora.regularizers import orthogonal_regularization
+
 from .resume import (
     fault_point,
     latest_checkpoint,
@@ -45,8 +46,6 @@ from .resume import (
 )
 from .runlog import RunLog, write_json
 from .schema import RunConfig, build_method_config, validate_run_config
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -103,7 +102,9 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         raise ConfigError(f"task.name={task!r}: expected one of {sorted(GLUE_TASKS)} or planted_rank")
     data_dir = cfg.task.data_dir
     if data_dir is None and not cfg.task.hub:
-        data_dir = str(REPO_ROOT.parent / "shared" / "data" / "glue")
+        raise ConfigError(f"task.data_dir is not set for task {task}: point it at a GLUE-format folder "
+                          "(task.data_dir=... or paths.glue_dir=..., or ADALORA_GLUE_DIR), or read the Hub "
+                          "with task.hub=true")
     train_ex = load_task(task, data_dir, "train", cfg.task.max_train_examples, hub=cfg.task.hub)
     dev_ex = load_task(task, data_dir, "dev", cfg.task.max_eval_examples, hub=cfg.task.hub)
     spec = GLUE_TASKS[task]
@@ -112,7 +113,7 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         if bad:
             raise ConfigError(f"task {task}: labels {bad[:5]} do not fit num_labels={spec.num_labels}")
     tokenizer = load_tokenizer(cfg.model)
-    cache = Path(os.environ.get("ADALORA_CACHE", REPO_ROOT / ".cache" / "tokenized"))
+    cache = Path(cfg.paths.cache_dir) / "tokenized"
     train_ds = tokenize(train_ex, tokenizer, cfg.task.max_length, cache)
     dev_ds = tokenize(dev_ex, tokenizer, cfg.task.max_length, cache)
     model = build_classifier(cfg.model, spec.num_labels, tokenizer).to(device)

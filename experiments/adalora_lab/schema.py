@@ -1,4 +1,4 @@
-"""Run schemas: plain dataclasses. Hydra registers them (experiments/train.py); notebooks build them directly.
+"""Run schemas: plain dataclasses. Hydra registers them (adalora_lab.cli); notebooks build them directly.
 
 Values live in conf/*.yaml; the types and defaults live here, so a typo or a wrong type fails at
 composition, before any compute.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import ConfigError
+from adalora.config import ConfigError
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 
@@ -112,12 +112,21 @@ class LoggerConfig:
 
 
 @dataclass
+class PathsConfig:
+    """Where data and caches live (conf/paths/default.yaml sets them from the environment)."""
+
+    glue_dir: Optional[str] = None
+    cache_dir: str = ".cache"
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = 0
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs
@@ -210,7 +219,7 @@ def resolve_schedule_steps(value: float, total_steps: int, name: str) -> int:
 
 def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int) -> Any:
     """The library config for a method (None for full fine-tuning)."""
-    from ..config import AdaLoRAConfig, LoRAConfig
+    from adalora.config import AdaLoRAConfig, LoRAConfig
 
     targets = list(m.target_modules) if m.target_modules is not None else list(model.target_modules)
     save = list(m.modules_to_save) if m.modules_to_save is not None else list(model.modules_to_save)

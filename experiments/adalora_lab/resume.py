@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write
+from adalora.checkpoint import atomic_write
 
 FORMAT = "adalora-train-checkpoint"
 CKPT_DIR = "checkpoints"

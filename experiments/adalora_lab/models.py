@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import ConfigError
+from adalora.config import ConfigError
+
 from .schema import ModelConfig
 
 
