@@ -28,10 +28,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from adalora_lab.loop import train
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
-from test_configs import ENTRY, ROOT, compose_run
+
+from adalora_lab import cli as ENTRY
+from adalora_lab.loop import train
+from helpers import ROOT, compose_run
 
 BASE = ["debug=fast", "model=tiny_bert", "logger=none"]
 HYDRA_ERRORS = (ConfigCompositionException, OmegaConfBaseException)
@@ -219,8 +221,9 @@ def write_data_fixtures(root: Path) -> Path:
 
 def write_three_label_model(path: Path) -> Path:
     """A local 'hub' checkpoint whose classification head has 3 labels (RTE has 2)."""
-    from adalora_lab.models import minilm_path
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from adalora_lab.models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     tok.save_pretrained(path)

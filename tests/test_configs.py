@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from adalora_lab import cli  # registers the schemas in Hydra's ConfigStore
-from adalora_lab.schema import RunConfig, build_method_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-
-ENTRY = cli
-
-
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def compose_run(overrides: list[str]) -> RunConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=False)
-    return ENTRY.to_dataclass(cfg)
-
+from adalora_lab.schema import RunConfig, build_method_config
+from helpers import CONF, compose_run, options
 
 CASES = (
     [[f"model={m}"] + (["model.path=bert-base-uncased"] if m == "hub" else [])

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from adalora_lab.data import (
     GLUE_TASKS,
     DataError,

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from adalora_lab.loop import train
 from glue_fixtures import FOLDERS, make_glue_dir
-from test_configs import ROOT, compose_run, options
+
+from adalora_lab.loop import train
+from helpers import ROOT, compose_run, options
 
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "rank_pattern.json", "rank_history.jsonl",

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from adalora_lab.metrics import MAIN_METRIC, TASK_METRICS, compute_metrics
 
 ALL_TASKS = ["sst2", "rte", "mrpc", "cola", "stsb", "qnli", "mnli", "qqp"]

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from adalora import AdaLoRAConfig
 from adalora_lab.planted import (
     TARGET_MODULES,
     PlantedRankTask,
     ResidualMLP,
-    benchmark_configs,
     default_planted_ranks,
     make_planted_task,
     module_names,
     parse_planted,
     rank_recovery,
-    train_planted,
 )
-
-from adalora import AdaLoRAConfig, LoRAConfig
 
 SMALL = dict(dim=16, hidden=32, n_blocks=3, n_train=512, n_eval=256)
 
@@ -159,37 +158,49 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_benchmark_configs_equal_budget():
-    cfgs = benchmark_configs(target_r=1, init_r=6, steps=1000)
-    lora, ada = cfgs["lora"], cfgs["adalora"]
-    assert lora.r == ada.target_r == 1 and ada.init_r == 6 and ada.total_steps == 1000
-    assert (ada.tinit, ada.tfinal, ada.delta_t) == (100, 400, 10)
-    assert list(lora.target_modules) == list(ada.target_modules) == list(TARGET_MODULES)
+def _planted_run(tmp_path, method: str, steps: int, lr: float, extra=()):
+    from adalora_lab.loop import train
+    from helpers import compose_run
+
+    cfg = compose_run(["experiment=planted_rank", f"method={method}", f"max_steps={steps}", f"optim.lr={lr}",
+                       "batch_size=64", f"eval_every={steps // 2}", "logger=none", "progress=false",
+                       *(f"task.planted.{k}={v}" for k, v in SMALL.items() if k != "planted"), *extra])
+    return train(cfg, tmp_path / method)
 
 
-def test_short_adalora_training_keeps_the_budget_and_learns(task, one_thread):
-    steps, target_r = 300, 1
-    cfg = AdaLoRAConfig(init_r=4, target_r=target_r, target_modules=list(TARGET_MODULES), tinit=30, tfinal=90,
-                        delta_t=5, orth_reg_weight=0.1)
-    out = train_planted(task, cfg, steps=steps, lr=3e-2, batch_size=64, seed=0, eval_every=steps // 2)
-    pattern = out["rank_pattern"]
-    assert set(pattern) == set(task.planted)
-    assert sum(pattern.values()) == target_r * len(pattern)
-    assert out["relative_error"] < 0.5  # the untrained student is at 1.0
-    assert out["history"][-1][1] <= out["history"][0][1] * 1.05
-    assert out["final_train_loss"] < task.base_eval_mse
-    assert 0.0 <= out["rank_recovery"] <= 1.0
+def test_short_adalora_training_keeps_the_budget_and_learns(tmp_path, one_thread):
+    """Through the training loop, the one planted pipeline: the exact budget, and it learns."""
+    out = _planted_run(tmp_path, "adalora", steps=300, lr=3e-2, extra=["method.init_r=4"])
+    pattern = json.loads((tmp_path / "adalora" / "rank_pattern.json").read_text())
+    assert sum(pattern.values()) == out["final_budget"] == len(pattern)  # target_r 1 per module
+    evals = [r for r in map(json.loads, (tmp_path / "adalora" / "metrics.jsonl").read_text().splitlines())
+             if r["split"] == "eval"]
+    assert out["final"]["relative_error"] < 0.5  # the untrained student is at 1.0
+    assert evals[-1]["relative_error"] <= evals[0]["relative_error"] * 1.05
+    assert 0.0 <= out["final"]["rank_recovery"] <= 1.0
 
 
-def test_short_lora_training_learns(task, one_thread):
-    out = train_planted(task, LoRAConfig(r=1, target_modules=list(TARGET_MODULES)), steps=200, lr=1e-2,
-                        batch_size=64, seed=0)
-    assert out["relative_error"] < 0.8
-    assert out["rank_recovery"] == pytest.approx(out["rank_recovery_uniform"])
+def test_short_lora_training_learns(tmp_path, one_thread):
+    out = _planted_run(tmp_path, "lora", steps=200, lr=1e-2)
+    assert out["final"]["relative_error"] < 0.8
+    assert out["final"]["rank_recovery"] == pytest.approx(out["final"]["rank_recovery_uniform"])
+
+
+def test_loop_batches_are_the_task_batches(task):
+    """One batch order: the workload's epoch e is PlantedTask.epoch_batches(seed, e), which batches() chains."""
+    endless = task.batches(64, seed=3)
+    per_epoch = SMALL["n_train"] // 64
+    for epoch in range(2):
+        for x, y in task.epoch_batches(64, 3, epoch):
+            xe, ye = next(endless)
+            assert torch.equal(x, xe) and torch.equal(y, ye)
+    resumed = list(task.epoch_batches(64, 3, 1, start=2))
+    assert len(resumed) == per_epoch - 2
+    assert torch.equal(resumed[0][0], list(task.epoch_batches(64, 3, 1))[2][0])
 
 
 def test_loss_decreases_plain_loop(task, one_thread):
-    """The API as a training loop would use it, without train_planted."""
+    """The library API as a hand-written training loop would use it."""
     from adalora import RankAllocator, inject_adapters, orthogonal_regularization
 
     torch.manual_seed(0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from adalora_lab import plots
 
 REPO = Path(__file__).resolve().parents[1]

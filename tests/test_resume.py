@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
 from adalora_lab.loop import train
 from adalora_lab.resume import FAULT_ENV, latest_checkpoint
-from safetensors.torch import load_file
-from test_configs import ROOT, compose_run
+from helpers import ROOT, compose_run
 
 SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 # 24 steps; masking every 2 steps from step 3; final phase (frozen pattern, compaction) from step 13

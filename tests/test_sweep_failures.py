@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from adalora_lab.loop import train
-from test_configs import ROOT, compose_run
+from helpers import ROOT, compose_run
 
 SWEEP = ["debug=fast", "model=tiny_bert", "logger=none", "method=lora,adalora", "method.target_r=2",
          "method.lora_dropout=0.0,1.0"]

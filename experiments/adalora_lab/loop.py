@@ -18,14 +18,10 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from adalora import distributed
 from adalora.allocator import RankAllocator
@@ -46,6 +42,7 @@ from .resume import (
 )
 from .runlog import RunLog, write_json
 from .schema import RunConfig, build_method_config, validate_run_config
+from .workload import build_workload
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -70,118 +67,6 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int, kind: str) -> floa
     if kind == "linear":
         return base_lr * max(0.0, 1.0 - progress)
     raise ConfigError(f"optim.schedule={kind!r}: use linear, cosine or constant")
-
-
-@dataclass
-class Workload:
-    """What the loop needs from a task: a model, batches, a loss and an evaluation."""
-
-    model: nn.Module
-    batches_per_epoch: int
-    epoch_batches: Callable[[int, int], Iterator]  # (epoch, batches to skip) -> that epoch's batches
-    loss_fn: Callable[[nn.Module, object], torch.Tensor]
-    evaluate: Callable[[nn.Module], dict]
-    main_metric: str
-    higher_is_better: bool
-    planted: dict | None = None
-
-
-def _to_device(batch, device):
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return tuple(t.to(device, non_blocking=True) for t in batch)
-
-
-def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
-    from .data import GLUE_TASKS, load_task, make_loader, tokenize
-    from .metrics import MAIN_METRIC, compute_metrics
-    from .models import build_classifier, load_tokenizer
-
-    task = cfg.task.name
-    if task not in GLUE_TASKS:
-        raise ConfigError(f"task.name={task!r}: expected one of {sorted(GLUE_TASKS)} or planted_rank")
-    data_dir = cfg.task.data_dir
-    if data_dir is None and not cfg.task.hub:
-        raise ConfigError(f"task.data_dir is not set for task {task}: point it at a GLUE-format folder "
-                          "(task.data_dir=... or paths.glue_dir=..., or ADALORA_GLUE_DIR), or read the Hub "
-                          "with task.hub=true")
-    train_ex = load_task(task, data_dir, "train", cfg.task.max_train_examples, hub=cfg.task.hub)
-    dev_ex = load_task(task, data_dir, "dev", cfg.task.max_eval_examples, hub=cfg.task.hub)
-    spec = GLUE_TASKS[task]
-    if spec.num_labels > 1:
-        bad = sorted({e.label for e in train_ex + dev_ex} - set(range(spec.num_labels)))
-        if bad:
-            raise ConfigError(f"task {task}: labels {bad[:5]} do not fit num_labels={spec.num_labels}")
-    tokenizer = load_tokenizer(cfg.model)
-    cache = Path(cfg.paths.cache_dir) / "tokenized"
-    train_ds = tokenize(train_ex, tokenizer, cfg.task.max_length, cache)
-    dev_ds = tokenize(dev_ex, tokenizer, cfg.task.max_length, cache)
-    model = build_classifier(cfg.model, spec.num_labels, tokenizer).to(device)
-    pad = tokenizer.pad_token_id
-    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad)
-    dev_loader = make_loader(dev_ds, cfg.eval_batch_size, shuffle=False, seed=0, pad_id=pad, bucket=False)
-
-    def epoch_batches(epoch: int, start: int = 0) -> Iterator:
-        train_loader.batch_sampler.set_epoch(epoch, start_batch=start)  # order = f(seed, epoch): resumable
-        return iter(train_loader)
-
-    def forward(m: nn.Module, batch):
-        # bf16 autocast covers the matmuls only: parameters, gradients, Adam and the allocator's scores stay fp32
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            return m(**_to_device(batch, device))
-
-    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        return forward(m, batch).loss.float()
-
-    @torch.no_grad()
-    def evaluate(m: nn.Module) -> dict:
-        was = m.training
-        m.eval()
-        preds, labels, loss_sum = [], [], 0.0
-        for batch in dev_loader:
-            out = forward(m, batch)  # logits: (B, C), or (B, 1) for regression
-            loss_sum += out.loss.item() * batch["labels"].shape[0]
-            preds.append(out.logits.float().cpu().numpy())
-            labels.append(batch["labels"].numpy())
-        m.train(was)
-        y = np.concatenate(labels)
-        res = compute_metrics(task, np.concatenate(preds), y)
-        res["eval_loss"] = loss_sum / len(y)
-        return res
-
-    return Workload(model, len(train_loader), epoch_batches, loss_fn, evaluate, MAIN_METRIC[task], True)
-
-
-def planted_workload(cfg: RunConfig, device: torch.device) -> Workload:
-    from .planted import PlantedRankTask, make_planted_task
-
-    p = cfg.task.planted
-    task = make_planted_task(PlantedRankTask(dim=p.dim, hidden=p.hidden, n_blocks=p.n_blocks, planted=dict(p.planted),
-                                             delta_scale=p.delta_scale, n_train=p.n_train, n_eval=p.n_eval,
-                                             task_seed=p.task_seed))
-    model = task.new_base().to(device)
-    train_x, train_y = task.train_x.to(device), task.train_y.to(device)
-    eval_x, eval_y = task.eval_x.to(device), task.eval_y.to(device)
-    n, bs = train_x.shape[0], min(cfg.batch_size, train_x.shape[0])
-
-    def epoch_batches(epoch: int, start: int = 0) -> Iterator:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)  # order = f(seed, epoch): resumable
-        perm = torch.randperm(n, generator=g).to(device)
-        return ((train_x[perm[i:i + bs]], train_y[perm[i:i + bs]]) for i in range(start * bs, n - bs + 1, bs))
-
-    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        x, y = batch  # (B, dim), (B, dim)
-        return F.mse_loss(m(x), y)
-
-    @torch.no_grad()
-    def evaluate(m: nn.Module) -> dict:
-        was = m.training
-        m.eval()
-        mse = F.mse_loss(m(eval_x), eval_y).item()
-        m.train(was)
-        return {"distill_loss": mse, "relative_error": mse / task.base_eval_mse}
-
-    return Workload(model, n // bs, epoch_batches, loss_fn, evaluate, "relative_error", False, planted=task.planted)
 
 
 def adapter_param_count(adapters: dict[str, AdapterLayer], ranks: dict[str, int]) -> int:
@@ -310,8 +195,7 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
         device = distributed.local_device()  # one GPU per process: cuda:LOCAL_RANK
 
     # ---- data, model, adapters (every config error surfaces here, before any step)
-    planted = cfg.task.name == "planted_rank"
-    work = planted_workload(cfg, device) if planted else glue_workload(cfg, device)
+    work = build_workload(cfg, device)
     model = work.model
     accum = cfg.grad_accum  # validated >= 1
     steps_per_epoch = max(1, work.batches_per_epoch // accum)

@@ -4,8 +4,8 @@ A frozen *base* model (a residual MLP with no normalisation) and a *teacher* = b
 planted in a few of its linear layers, with heterogeneous known ranks (most modules 0, a few 4, some 1).
 The student is the base plus adapters, trained to match the teacher's outputs (MSE) on Gaussian inputs.
 With a final budget of average rank 1, uniform LoRA lacks capacity exactly where the rank was planted;
-an allocator that reads the task moves its budget there (facts §6: a tiny BERT does *not* work for this,
-LayerNorm and attention compensate the planted change; a plain residual MLP does).
+an allocator that reads the task moves its budget there. (A tiny BERT does *not* work for this: LayerNorm and
+attention compensate the planted change; a plain residual MLP does.)
 
 Usage::
 
@@ -17,7 +17,8 @@ Usage::
     task.evaluate(model)            # {"distill_loss": eval MSE, "relative_error": MSE / MSE(base, teacher)}
     rank_recovery(allocator.rank_pattern(), task.planted)   # where the kept budget went
 
-or the whole reference loop: ``train_planted(task, method_cfg, steps=1500, lr=...)``.
+The training loop runs it as every other task (``planted_workload``, ``experiment=planted_rank``); there is
+one batch order, ``PlantedTask.epoch_batches``, which ``batches`` strings together.
 
 Everything is plain torch (scipy only inside :func:`rank_recovery`); no hydra, no wandb.
 """
@@ -25,15 +26,16 @@ Everything is plain torch (scipy only inside :func:`rank_recovery`); no hydra, n
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .schema import RunConfig
+from .workload import Workload
 
 __all__ = [
     "TARGET_MODULES",
@@ -46,13 +48,8 @@ __all__ = [
     "parse_planted",
     "plant_delta",
     "make_planted_task",
+    "planted_workload",
     "rank_recovery",
-    "DEFAULT_STEPS",
-    "DEFAULT_BATCH_SIZE",
-    "DEFAULT_LR",
-    "benchmark_configs",
-    "train_planted",
-    "compare",
 ]
 
 TARGET_MODULES = ("up", "down")  # suffixes to adapt: every linear layer of the residual blocks
@@ -245,19 +242,27 @@ class PlantedTask:
         model.load_state_dict(self.base_state)
         return model
 
-    def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Endless (x, y) batches from the fixed train set, reshuffled every epoch by a generator seeded with ``seed``.
-
-        x: (batch_size, dim); y = teacher(x): (batch_size, dim). A last incomplete batch of an epoch is dropped.
-        """
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int, start: int = 0,
+                      device: torch.device | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Epoch ``epoch``'s (x, y) batches from batch ``start`` on: the order is a pure function of (seed, epoch),
+        so a resumed run continues where it stopped. x: (B, dim); y = teacher(x): (B, dim), B = min(batch_size,
+        n_train); a last incomplete batch is dropped."""
         n = self.train_x.shape[0]
         bs = min(batch_size, n)
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        x, y = (self.train_x, self.train_y) if device is None else (self.train_x.to(device), self.train_y.to(device))
+        perm = perm if device is None else perm.to(device)
+        for i in range(start * bs, n - bs + 1, bs):
+            idx = perm[i:i + bs]
+            yield x[idx], y[idx]
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless (x, y) batches: ``epoch_batches`` of epoch 0, 1, 2, ... (the training loop's order)."""
+        epoch = 0
         while True:
-            perm = torch.randperm(n, generator=g)
-            for i in range(0, n - bs + 1, bs):
-                idx = perm[i:i + bs]
-                yield self.train_x[idx], self.train_y[idx]
+            yield from self.epoch_batches(batch_size, seed, epoch)
+            epoch += 1
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batch_size: int = 4096) -> dict[str, float]:
@@ -367,130 +372,32 @@ def rank_recovery(rank_pattern: Mapping[str, int], planted: Mapping[str, int]) -
 
 
 # The tuned defaults (2-core CPU, torch 2.13, 1 thread; see compare()): ~4 s per LoRA run, ~6.5 s per AdaLoRA run.
-# LoRA r=1 is flat in lr over 3e-3..3e-2 (capacity-bound); AdaLoRA prefers 1.5e-2..3e-2 (E starts at 0 and P, Q
-# at N(0, 0.02), so it has further to go). One lr for both keeps a method=lora,adalora sweep simple.
-DEFAULT_STEPS = 1500
-DEFAULT_BATCH_SIZE = 128
-DEFAULT_LR = 2e-2
 
 
-def benchmark_configs(target_r: int = 1, init_r: int = 6, steps: int = DEFAULT_STEPS) -> dict:
-    """The benchmark's two methods at an equal final budget (average rank ``target_r`` over every up/down):
-    {"lora": LoRAConfig(r=target_r), "adalora": AdaLoRAConfig(init_r, target_r, tinit 10%, tfinal 40%,
-    delta_t 10, beta 0.85, orth_reg_weight 0.1, total_steps=steps)}.
+def planted_workload(cfg: RunConfig, device: torch.device) -> Workload:
+    p = cfg.task.planted
+    task = make_planted_task(PlantedRankTask(dim=p.dim, hidden=p.hidden, n_blocks=p.n_blocks, planted=dict(p.planted),
+                                             delta_scale=p.delta_scale, n_train=p.n_train, n_eval=p.n_eval,
+                                             task_seed=p.task_seed))
+    model = task.new_base().to(device)
+    eval_x, eval_y = task.eval_x.to(device), task.eval_y.to(device)
+    bs = min(cfg.batch_size, task.train_x.shape[0])
 
-    init_r must be >= the largest planted rank (4 by default); 6 = 1.5x it leaves slack for triplets that
-    are slow to find their planted direction (with init_r 4 AdaLoRA still wins, less reliably).
-    Measured on the default task: orth_reg_weight=0, score="magnitude" and prune-LoRA place the budget at least
-    as well; the regularizer's gradient adds to the sensitivity |w * g| of triplets no planted direction needs.
-    """
-    from adalora.config import AdaLoRAConfig, LoRAConfig
+    def epoch_batches(epoch: int, start: int = 0) -> Iterator:
+        return task.epoch_batches(bs, cfg.seed, epoch, start, device=device)
 
-    targets = list(TARGET_MODULES)
-    return {
-        "lora": LoRAConfig(r=target_r, target_modules=targets),
-        "adalora": AdaLoRAConfig(init_r=init_r, target_r=target_r, target_modules=targets, tinit=int(0.1 * steps),
-                                 tfinal=int(0.4 * steps), delta_t=10, beta1=0.85, beta2=0.85, orth_reg_weight=0.1,
-                                 total_steps=steps),
-    }
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        x, y = batch  # (B, dim), (B, dim)
+        return F.mse_loss(m(x), y)
 
+    @torch.no_grad()
+    def evaluate(m: nn.Module) -> dict:
+        was = m.training
+        m.eval()
+        mse = F.mse_loss(m(eval_x), eval_y).item()
+        m.train(was)
+        return {"distill_loss": mse, "relative_error": mse / task.base_eval_mse}
 
-def train_planted(task: PlantedTask, method_cfg, *, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
-                  batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0, weight_decay: float = 0.0,
-                  warmup_ratio: float = 0.0, lr_schedule: str = "linear", max_grad_norm: float | None = None,
-                  eval_every: int = 0) -> dict:
-    """The minimal training loop of the benchmark: inject, AdamW, MSE to the teacher, the allocator, evaluate.
-
-    method_cfg: a LoRAConfig or AdaLoRAConfig (AdaLoRA's total_steps is set to ``steps`` when None; its
-    target_modules must select the blocks' linears, e.g. ``list(TARGET_MODULES)``). ``seed`` sets adapter
-    init (global RNG) and batch order. lr: linear warm-up over ``warmup_ratio`` of the steps, then
-    ``lr_schedule`` "linear" (decay to 0) or "constant". Step order as the reference: backward, clip,
-    optimizer.step, scheduler.step, allocator.step(t), zero_grad.
-
-    Returns evaluate()'s metrics plus rank_recovery()'s, "rank_pattern", "final_train_loss" (mean of the
-    last 5% of steps), "history" ([(step, eval relative_error)] when eval_every > 0), "time_s".
-    """
-    from adalora.allocator import RankAllocator
-    from adalora.config import AdaLoRAConfig
-    from adalora.inject import inject_adapters
-    from adalora.regularizers import orthogonal_regularization
-
-    if lr_schedule not in ("linear", "constant"):
-        raise ValueError(f"lr_schedule={lr_schedule!r}: use 'linear' or 'constant'")
-    t0 = time.perf_counter()
-    ada = isinstance(method_cfg, AdaLoRAConfig)
-    if ada and method_cfg.total_steps is None:
-        method_cfg = dataclasses.replace(method_cfg, total_steps=steps)
-    torch.manual_seed(seed)
-    model = task.new_base()
-    adapters = inject_adapters(model, method_cfg)
-    allocator = RankAllocator(adapters, method_cfg) if ada else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    try:  # the fused kernel is ~5x faster on these many tiny tensors (CPU and CUDA, torch >= 2.4)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = int(round(warmup_ratio * steps))
-
-    def lr_at(t: int) -> float:  # multiplier for step t (from 0)
-        if t < warm:
-            return (t + 1) / warm
-        if lr_schedule == "constant":
-            return 1.0
-        return max(0.0, (steps - t) / max(1, steps - warm))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    orth_w = method_cfg.orth_reg_weight if ada else 0.0
-    tail, history = [], []
-    model.train()
-    batches = task.batches(batch_size, seed=seed)
-    for t in range(1, steps + 1):
-        x, y = next(batches)
-        loss = F.mse_loss(model(x), y)
-        total = loss + orth_w * orthogonal_regularization(adapters, form=method_cfg.orth_reg_form) if orth_w else loss
-        total.backward()
-        if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        opt.step()
-        sched.step()
-        if allocator is not None:
-            allocator.step(t)
-        opt.zero_grad(set_to_none=False)
-        if t > steps - max(1, steps // 20):
-            tail.append(loss.item())
-        if eval_every and t % eval_every == 0:
-            history.append((t, task.evaluate(model)["relative_error"]))
-    pattern = allocator.rank_pattern() if allocator is not None else {n: a.r for n, a in adapters.items()}
-    pattern = {n: pattern[n] for n in [*task.planted, *pattern] if n in pattern}  # model order: blocks.0.up, ...
-    out = {**task.evaluate(model), **rank_recovery(pattern, task.planted)}
-    out.update(rank_pattern=pattern, final_train_loss=sum(tail) / len(tail), history=history,
-               time_s=time.perf_counter() - t0)
-    return out
-
-
-def compare(seeds: Sequence[int] = (0, 1, 2), task_cfg: PlantedRankTask | None = None, steps: int = DEFAULT_STEPS,
-            lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH_SIZE, target_r: int = 1, init_r: int = 6,
-            log=print) -> list[dict]:
-    """LoRA vs AdaLoRA at an equal final budget over ``seeds`` on one teacher; one row per (method, seed)."""
-    task = make_planted_task(task_cfg)
-    rows = []
-    for method, cfg in benchmark_configs(target_r, init_r, steps).items():
-        for seed in seeds:
-            r = train_planted(task, cfg, steps=steps, lr=lr, batch_size=batch_size, seed=seed)
-            row = {"method": method, "seed": seed, **{k: v for k, v in r.items() if k != "history"}}
-            rows.append(row)
-            if log:
-                pat = " ".join(str(r["rank_pattern"][n]) for n in task.planted)
-                log(f"{method:8s} seed={seed} relative_error={r['relative_error']:.3g} "
-                    f"rank_recovery={r['rank_recovery']:.3f} (uniform {r['rank_recovery_uniform']:.3f}) "
-                    f"spearman={r['rank_spearman']:.3f} ranks=[{pat}] {r['time_s']:.1f}s")
-    if log:
-        log("planted  ranks=[" + " ".join(str(v) for v in task.planted.values()) + "] over " + ", ".join(task.planted))
-    return rows
-
-
-if __name__ == "__main__":  # python -m adalora_lab.planted [seeds...]: the 2-method x 3-seed comparison
-    import sys
-
-    torch.set_num_threads(1)  # these matrices are too small for threads to pay
-    compare(seeds=[int(a) for a in sys.argv[1:]] or (0, 1, 2))
+    inputs = {"task": "planted_rank", "task_seed": p.task_seed}  # the data is a pure function of the config
+    return Workload(model, task.train_x.shape[0] // bs, epoch_batches, loss_fn, evaluate, "relative_error", False,
+                    planted=task.planted, inputs=inputs)
