@@ -89,7 +89,7 @@ def test_resume_from_explicit_checkpoint(reference, tmp_path, monkeypatch):
         train(compose_run(OVERRIDES), src)
     monkeypatch.delenv(FAULT_ENV)
     path, state = latest_checkpoint(src)
-    assert state["step"] == 9
+    assert state["state"]["step"] == 9
     dst = tmp_path / "dst"
     summary = train(compose_run(OVERRIDES + [f"resume={path}"]), dst)
     assert summary["final"] == reference[0]["final"]

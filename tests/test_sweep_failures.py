@@ -71,8 +71,8 @@ def test_other_jobs_complete(sweep):
     assert run.returncode == 1, run.stderr  # the sweep reports that jobs failed ...
     dirs = _run_dirs(sweep["dir"])
     assert len(dirs) == 4, dirs  # ... after running every job
-    good = [d for d in dirs if "lora_dropout=0.0" in str(d)]
-    bad = [d for d in dirs if "lora_dropout=1.0" in str(d)]
+    good = [d for d in dirs if "lora_dropout-0.0" in str(d)]
+    bad = [d for d in dirs if "lora_dropout-1.0" in str(d)]
     assert len(good) == len(bad) == 2
     assert {json.loads((d / "summary.json").read_text())["method"] for d in good} == {"lora", "adalora"}
     for d in good:
@@ -95,7 +95,7 @@ def test_summarize_lists_failed_runs_and_writes_table(sweep):
     assert failed, md
     rows = [line for line in table.splitlines() if line.startswith("| lora |") or line.startswith("| adalora |")]
     assert len(rows) == 2 and all(" | 2 | " in r for r in rows), table
-    listed = [line for line in failed.splitlines() if "lora_dropout=1.0" in line]
+    listed = [line for line in failed.splitlines() if "lora_dropout-1.0" in line]
     assert len(listed) == 2, failed
     assert {line.split(" | ")[2] for line in listed} == {"lora", "adalora"}  # method column
     assert all(" | failed | " in line or " | incomplete | " in line for line in listed)
@@ -105,7 +105,7 @@ def test_summarize_lists_failed_runs_and_writes_table(sweep):
 
 
 def test_failed_run_says_why(sweep):
-    listed = [line for line in (sweep["dir"] / "summary.md").read_text().splitlines() if "lora_dropout=1.0" in line]
+    listed = [line for line in (sweep["dir"] / "summary.md").read_text().splitlines() if "lora_dropout-1.0" in line]
     assert len(listed) == 2
     assert all(" | failed | " in line and "must be in [0, 1)" in line for line in listed), listed
 

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from adalora.config import ConfigError
 
 from .data import DataError
-from .loop import train
+from .loop import TrainingFailed, train
 from .schema import (
     LoggerConfig,
     MethodConfig,
@@ -31,6 +32,7 @@ from .schema import (
     PathsConfig,
     RunConfig,
     TaskConfig,
+    result_fields,
 )
 
 cs = ConfigStore.instance()
@@ -54,30 +56,69 @@ def to_dataclass(cfg: DictConfig) -> RunConfig:
 
 
 class RunFailed(CompactHydraException):
-    """A sweep job's user error: Hydra reports it in one line and goes on with the other jobs."""
+    """A sweep job's error: Hydra reports it in one line and goes on with the other jobs."""
 
 
-USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError)
-
+# Errors that the user can act on: the message names the field or the file and the fix.
+USER_ERRORS = (ConfigError, DataError, FloatingPointError, FileNotFoundError, TrainingFailed)
 
 # The Hydra configs of the checkout this package is installed from (editable install); ADALORA_CONF points
 # elsewhere, e.g. at a copy of conf/ with a lab's own presets.
 CONF_DIR = os.environ.get("ADALORA_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 
+_UID = f"{os.getpid()}{secrets.token_hex(2)}"  # one per process: runs started in the same second get their own folder
+OmegaConf.register_new_resolver("adalora_uid", lambda: _UID, replace=True)
+# Sweep folder names leave out the fields that do not change a result (schema metadata), and those the folder
+# path already holds.
+_PATH_KEYS = ["seed", "task", "method", "method.target_r", "experiment", "debug", "hydra/launcher",
+              "hydra.sweep.dir", "hydra.run.dir"]
+OmegaConf.register_new_resolver(
+    "adalora_name_excludes", lambda: _PATH_KEYS + result_fields()[1] + [f"{k}.{sub}" for k in result_fields()[1]
+                                                                        for sub in ("name", "mode", "project")],
+    replace=True)
+
+
+def _threads_for_launcher(run_cfg: RunConfig) -> None:
+    """Parallel jobs share the cores: unless ``threads`` is set, each job takes cores // jobs threads."""
+    if run_cfg.threads is not None or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    n_jobs = OmegaConf.select(HydraConfig.get(), "launcher.n_jobs")
+    if isinstance(n_jobs, int) and n_jobs != 1:
+        jobs = os.cpu_count() if n_jobs < 0 else n_jobs
+        run_cfg.threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
+def _say(message: str, multirun: bool) -> None:
+    print(f"adalora: error: {message}", file=sys.stderr, flush=True)
+    if multirun:  # summary.json says why; the other jobs go on
+        raise RunFailed(message) from None
+    sys.exit(1)
+
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    full = bool(cfg.get("traceback")) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         run_cfg = to_dataclass(cfg)
+        _threads_for_launcher(run_cfg)
         summary = train(run_cfg, run_dir)
     except USER_ERRORS as e:
-        if cfg.get("traceback") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        if full:
             raise
-        print(f"adalora: error: {e}", file=sys.stderr, flush=True)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:  # summary.json says why; the other jobs go on
-            raise RunFailed(str(e)) from None
-        sys.exit(1)
+        _say(str(e), multirun)
+    except OSError as e:  # a full disk, a folder made read-only mid-run, ...
+        if full:
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _say(f"{e.strerror or e}{where}. Fix: free space or make the run folder writable, then rerun the same "
+             "command: the run resumes from its last checkpoint", multirun)
+    except Exception as e:  # noqa: BLE001 - a bug of ours: one line, and the way to the trace
+        if full:
+            raise
+        _say(f"internal error {type(e).__name__}: {e}. Rerun with traceback=true for the full trace, and please "
+             "report it", multirun)
     value = summary.get("final", {}).get(summary["main_metric"])
     return float(value) if value is not None else None  # for sweepers that optimise (optuna)
 

@@ -602,7 +602,7 @@ class TokenizedDataset(Dataset):
         return cls(st["input_ids"], st["offsets"], st["labels"], st.get("token_type_ids"))
 
 
-def _examples_hash(examples: Sequence[Example]) -> str:
+def examples_hash(examples: Sequence[Example]) -> str:
     h = hashlib.sha256()
     for ex in examples:
         # Unambiguous framing: JSON of the triple, one per line.
@@ -611,7 +611,7 @@ def _examples_hash(examples: Sequence[Example]) -> str:
     return h.hexdigest()
 
 
-def _tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
     """What identifies a tokenizer's output: class, name/path, vocab size, and (fast tokenizers) its full JSON."""
     fp: dict[str, Any] = {
         "class": type(tokenizer).__name__,
@@ -637,9 +637,9 @@ def cache_key(examples: Sequence[Example], tokenizer: Any, max_length: int) -> s
     """Hex digest keying the tokenization cache: examples' content, tokenizer identity, max_length."""
     payload = {
         "format": CACHE_FORMAT_VERSION,
-        "examples": _examples_hash(examples),
+        "examples": examples_hash(examples),
         "n": len(examples),
-        "tokenizer": _tokenizer_fingerprint(tokenizer),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
         "max_length": int(max_length),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:32]

@@ -18,9 +18,10 @@ __all__ = ["glue_workload"]
 
 
 def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
-    from .data import GLUE_TASKS, load_task, make_loader, tokenize
+    from .data import GLUE_TASKS, examples_hash, load_task, make_loader, task_file, tokenize, tokenizer_fingerprint
+    from .fingerprint import file_sha256
     from .metrics import MAIN_METRIC, compute_metrics
-    from .models import build_classifier, load_tokenizer
+    from .models import build_classifier, load_tokenizer, model_source
 
     task = cfg.task.name
     if task not in GLUE_TASKS:
@@ -38,6 +39,12 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         if bad:
             raise ConfigError(f"task {task}: labels {bad[:5]} do not fit num_labels={spec.num_labels}")
     tokenizer = load_tokenizer(cfg.model)
+    inputs = {"train_examples": examples_hash(train_ex), "dev_examples": examples_hash(dev_ex),
+              "tokenizer": tokenizer_fingerprint(tokenizer), "model": model_source(cfg.model)}
+    if not cfg.task.hub:
+        for split in ("train", "dev"):
+            path = task_file(task, data_dir, split)
+            inputs[f"{split}_file_path"], inputs[f"{split}_file"] = str(path), file_sha256(path)
     cache = Path(cfg.paths.cache_dir) / "tokenized"
     train_ds = tokenize(train_ex, tokenizer, cfg.task.max_length, cache)
     dev_ds = tokenize(dev_ex, tokenizer, cfg.task.max_length, cache)
@@ -74,4 +81,5 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         res["eval_loss"] = loss_sum / len(y)
         return res
 
-    return Workload(model, len(train_loader), epoch_batches, loss_fn, evaluate, MAIN_METRIC[task], True)
+    return Workload(model, len(train_loader), epoch_batches, loss_fn, evaluate, MAIN_METRIC[task], True,
+                    inputs=inputs, task_type="SEQ_CLS")

@@ -1,27 +1,31 @@
-"""train(cfg) -> metrics: the one readable training loop.
+"""train(cfg) -> summary: the one training loop, read top to bottom.
 
-Per optimizer step, in this order (the reference call order):
-    lr -> forward -> loss + γ·R -> backward (x grad_accum) -> clip -> optimizer.step
-    -> allocator.step(t) -> zero_grad -> eval / log / checkpoint
+    prepare   validate, lock the run folder, find a checkpoint, build the workload, adapters and optimizer
+    restore   allocator (it may compact), weights, optimizer, RNG, RunState from the checkpoint
+    step      lr -> forward -> loss + γ·R -> backward (x grad_accum) -> clip -> optimizer.step
+              -> allocator.step(t) -> zero_grad -> eval / log / checkpoint       (the reference call order)
+    finish    the final ranks, the adapter, figures and summary.json; a failed run says why
+
 t counts optimizer steps from 1, also under gradient accumulation.
 
-Under torchrun (WORLD_SIZE > 1) the model runs in DDP: batch_size stays the *global* batch, each rank
-takes its share of every batch (so the schedule and the result match a single process), the allocator's
-masks are broadcast from rank 0 after each masking step, and only rank 0 writes the run folder.
+Under torchrun (WORLD_SIZE > 1) the model runs in DDP: batch_size stays the *global* batch, each rank takes
+its share of every batch (so the schedule and the result match a single process), the allocator's masks are
+broadcast from rank 0 after each masking step, and only rank 0 writes the run folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from adalora import distributed
 from adalora.allocator import RankAllocator
@@ -31,6 +35,7 @@ from adalora.inject import count_trainable, inject_adapters, trainable_state_dic
 from adalora.layers import AdapterLayer
 from adalora.regularizers import orthogonal_regularization
 
+from .fingerprint import inputs_diff
 from .resume import (
     fault_point,
     latest_checkpoint,
@@ -40,9 +45,18 @@ from .resume import (
     set_rng_state,
     truncate_jsonl,
 )
-from .runlog import RunLog, write_json
-from .schema import RunConfig, build_method_config, validate_run_config
-from .workload import build_workload
+from .rundir import RunDir, Summary
+from .runlog import RunLog
+from .schema import RunConfig, build_method_config, config_diff, validate_run_config
+from .state import RunState
+from .workload import Workload, build_workload
+
+__all__ = ["train", "TrainingFailed", "lr_at", "adapter_param_count"]
+
+
+class TrainingFailed(RuntimeError):
+    """The run trained to its end but its result is not usable (diverged, non-finite, too many skipped steps);
+    summary.json has status failed and says why."""
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -78,64 +92,9 @@ def adapter_param_count(adapters: dict[str, AdapterLayer], ranks: dict[str, int]
     return total
 
 
-# ---------------------------------------------------------------------------------------------- train
-def _config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Keys whose values differ, ignoring those that do not change the computation."""
-    ignore = {"progress", "logger", "resume", "keep_checkpoints", "checkpoint_every", "threads", "traceback", "extra"}
-    out = []
-    for k in sorted(set(saved) | set(current)):
-        if not prefix and k in ignore:
-            continue
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _config_diff(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-def _find_resume(cfg: RunConfig, run_dir: Path) -> tuple[Path, dict] | None:
-    """``resume=PATH`` (a checkpoint file or a run folder), else this run folder's newest checkpoint."""
-    if cfg.resume:
-        path = Path(cfg.resume)
-        if path.is_dir():
-            found = latest_checkpoint(path)
-            if found is None:
-                raise ConfigError(f"resume={cfg.resume}: no readable checkpoint under {path / 'checkpoints'}")
-            return found
-        if not path.is_file():
-            raise ConfigError(f"resume={cfg.resume}: no such checkpoint file or run folder")
-        return path, load_checkpoint(path)
-    return latest_checkpoint(run_dir)
-
-
-def _finished_summary(run_dir: Path, step: int) -> dict | None:
-    """The run folder's summary if it records a completed run that ended at this checkpoint's step."""
-    try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if isinstance(summary, dict) and summary.get("status") == "completed" and summary.get("total_steps") == step:
-        return summary
-    return None
-
-
-def _record_setup_failure(cfg: RunConfig, run_dir, error: BaseException) -> None:
-    """A run that fails before its loop starts still says why in summary.json (for sweeps and summaries);
-    a folder that already holds a summary (a finished or resumed run) is left untouched."""
-    if run_dir is None or not distributed.is_main():
-        return
-    path = Path(run_dir) / "summary.json"
-    if path.exists() or not Path(run_dir).is_dir():
-        return
-    if not (Path(run_dir) / "config.yaml").exists():
-        import yaml
-
-        atomic_write(Path(run_dir) / "config.yaml", lambda tmp: Path(tmp).write_text(
-            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)))
-    write_json(path, {"status": "failed", "task": cfg.task.name, "method": cfg.method.name,
-                      "target_r": cfg.method.target_r, "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
-                      "failed_step": 0})
+def default_run_dir(cfg: RunConfig) -> Path:
+    """Where ``train(cfg)`` writes without a run folder (the CLI always passes Hydra's)."""
+    return Path("outputs") / cfg.task.name / f"{cfg.method.name}_r{cfg.method.target_r}" / f"seed{cfg.seed}"
 
 
 class _NoLog:
@@ -145,47 +104,140 @@ class _NoLog:
         return lambda *args, **kwargs: None
 
 
+@dataclass
+class Run:
+    """What ``prepare`` builds for a run: everything the step needs besides the ``RunState``."""
+
+    cfg: RunConfig
+    dir: RunDir
+    main: bool  # rank 0: the only rank that writes files
+    work: Workload
+    model: nn.Module
+    net: nn.Module  # the model, or its DDP wrapper
+    adapters: dict
+    mcfg: object  # the library config (LoRAConfig / AdaLoRAConfig), None for full fine-tuning
+    allocator: RankAllocator | None
+    optimizer: torch.optim.Optimizer
+    trainable: list
+    total_steps: int
+    steps_per_epoch: int
+    warmup: int
+    gamma: float  # orthogonality weight; 0 when the adapter has no P, Q to keep orthogonal
+    init_ranks: dict
+    cfg_dict: dict
+    t_start: float
+
+
+# ---------------------------------------------------------------------------------------------- train
 def train(cfg: RunConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """Run one training job described by ``cfg``; write the run folder; return the summary dict.
 
-    If the run folder already holds checkpoints (a killed run), training resumes from the newest one.
+    If the run folder already holds checkpoints (a killed run), training resumes from the newest good one; if it
+    holds a completed run of the same config and inputs, that run is returned as it is.
     Launched by torchrun (WORLD_SIZE > 1) it joins the process group and trains with DDP.
     """
     owns_group = not distributed.is_dist() and distributed.init_from_env("gloo" if cfg.device == "cpu" else None)
+    run_dir = RunDir(distributed.broadcast_object(str(run_dir or default_run_dir(cfg))))  # ranks may differ
+    locked = False
     try:
+        if distributed.is_main():
+            run_dir.create()
+            run_dir.acquire()  # a second run into this folder stops here
+            locked = True
+        validate_run_config(cfg)  # in the folder, so that a sweep's summary lists the job and says why
         return _train(cfg, run_dir)
     except BaseException as e:
-        _record_setup_failure(cfg, run_dir, e)
+        if locked:
+            _record_setup_failure(cfg, run_dir, e)
         raise
     finally:
+        run_dir.release()
         if owns_group:
             distributed.cleanup()
 
 
-def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
-    validate_run_config(cfg)
-    main = distributed.is_main()  # only rank 0 writes files, logs, checkpoints
-    run_dir = Path(run_dir or Path("outputs") / f"{cfg.task.name}_{cfg.method.name}_seed{cfg.seed}")
-    run_dir = Path(distributed.broadcast_object(str(run_dir)))  # a timestamped (hydra) folder may differ per rank
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    t_start = time.time()
-    import yaml
+def _train(cfg: RunConfig, run_dir: RunDir) -> dict:
+    run, state, resumed = prepare(cfg, run_dir)
+    if isinstance(run, dict):  # a finished run of the same config and inputs: reused as it is
+        return run
+    log = RunLog(run.dir.path, cfg.logger, run.cfg_dict, resume=resumed) if run.main else _NoLog()
+    summary = Summary(status="running", task=cfg.task.name, method=cfg.method.name, target_r=cfg.method.target_r,
+                      seed=cfg.seed, main_metric=run.work.main_metric, higher_is_better=run.work.higher_is_better,
+                      trainable_params=count_trainable(run.model), total_steps=run.total_steps,
+                      run_dir=str(run.dir.path), init_budget=sum(run.init_ranks.values()), inputs=run.work.inputs)
+    if run.main:
+        run.dir.write_summary(summary)
+        if run.work.planted is not None:
+            from .rundir import write_json
 
+            write_json(run.dir.planted, run.work.planted)
+    if run.adapters and not resumed:
+        log.log_ranks(0, sum(run.init_ranks.values()), run.init_ranks)
+    bar = _progress_bar(run, state)
+    log.echo = bar.write if bar is not None else print  # console lines above the bar, never through it
+    try:
+        run.model.train()
+        batches = run.work.epoch_batches(state.epoch, state.consumed)
+        while state.step < run.total_steps:
+            batches = train_step(run, state, batches, log)
+            if bar is not None:
+                bar.update(1)
+                post = {"loss": f"{state.loss_ema:.4f}" if state.loss_ema is not None else "-"}
+                if state.last_eval:
+                    post[run.work.main_metric] = f"{state.last_eval[run.work.main_metric]:.4f}"
+                bar.set_postfix(post, refresh=False)
+    except BaseException as e:
+        summary.status, summary.error, summary.failed_step = "failed", f"{type(e).__name__}: {e}", state.step + 1
+        summary.wall_time_s = state.elapsed + time.time() - run.t_start
+        if run.main:
+            run.dir.write_summary(summary)
+        log.close()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return finish(run, state, summary, log)
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def _find_resume(cfg: RunConfig, run_dir: RunDir) -> tuple[Path, dict] | None:
+    """``resume=PATH`` (a checkpoint file or a run folder), else this run folder's newest good checkpoint."""
+    if cfg.resume:
+        path = Path(cfg.resume)
+        if path.is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                raise ConfigError(f"resume={cfg.resume}: no readable checkpoint under {path / 'checkpoints'}")
+            return found
+        if not path.is_file():
+            raise ConfigError(f"resume={cfg.resume}: no such checkpoint file or run folder")
+        try:
+            return path, load_checkpoint(path)
+        except ConfigError as e:
+            raise ConfigError(f"resume={cfg.resume}: {e}") from None
+    return latest_checkpoint(run_dir.path)
+
+
+def _finished_summary(run_dir: RunDir, step: int) -> dict | None:
+    """The run folder's summary if it records a completed run that ended at this checkpoint's step."""
+    summary = run_dir.read_summary()
+    if summary is not None and summary.get("status") == "completed" and summary.get("total_steps") == step:
+        return summary
+    return None
+
+
+def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool]:
+    """Everything before the first step; every config, data and model error surfaces here."""
+    main = distributed.is_main()
+    t_start = time.time()
     cfg_dict = dataclasses.asdict(cfg)
-    resume = distributed.broadcast_object(_find_resume(cfg, run_dir) if main else None)  # rank 0 reads it
+    # the checkpoint's config is compared first: a wrong config fails before the data loads
+    resume = distributed.broadcast_object(_find_resume(cfg, run_dir) if main else None)
     if resume is not None:
-        diff = _config_diff(resume[1]["config"], cfg_dict)
+        diff = config_diff(resume[1]["config"], cfg_dict)
         if diff:
             raise ConfigError(f"{resume[0]} was written by a run with another config ({'; '.join(diff[:5])}). "
                               "Resume with the same config, or start in a new run folder (hydra.run.dir=...)")
-        done = _finished_summary(run_dir, resume[1]["step"])
-        if done is not None:  # a finished run is reused as it is: rerunning a sweep only runs what is missing
-            return done
-        t_start -= resume[1].get("elapsed", 0.0)  # wall time adds up over the pieces of a killed run
-    if main:
-        atomic_write(run_dir / "config.yaml",
-                     lambda tmp: Path(tmp).write_text(yaml.safe_dump(cfg_dict, sort_keys=False)))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed, cfg.deterministic)
@@ -194,12 +246,30 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
     if device.type == "cuda" and distributed.is_dist():
         device = distributed.local_device()  # one GPU per process: cuda:LOCAL_RANK
 
-    # ---- data, model, adapters (every config error surfaces here, before any step)
-    work = build_workload(cfg, device)
-    model = work.model
-    accum = cfg.grad_accum  # validated >= 1
+    work = build_workload(cfg, device)  # data, model; what they are by content in work.inputs
+    accum = cfg.grad_accum
     steps_per_epoch = max(1, work.batches_per_epoch // accum)
     total_steps = cfg.max_steps if cfg.max_steps else max(1, int(math.ceil(cfg.epochs * steps_per_epoch)))
+    if resume is not None:
+        changed = inputs_diff(resume[1].get("inputs", {}), work.inputs)
+        if changed:
+            raise ConfigError(f"{resume[0]} was trained on other inputs than this run reads (changed: "
+                              f"{', '.join(changed[:5])}). Restore the original data / model, or start in a new "
+                              "run folder (hydra.run.dir=...)")
+        step = resume[1]["state"]["step"]
+        if not 0 <= step <= total_steps:
+            raise ConfigError(f"{resume[0]} is at step {step}, outside this run's 0..{total_steps} steps. Fix: "
+                              "resume from a checkpoint of this run")
+        done = _finished_summary(run_dir, step)
+        if done is not None:  # rerunning a sweep only runs what is missing
+            return done, RunState(), True
+    if main:
+        import yaml
+
+        record = {**cfg_dict, "inputs": work.inputs}
+        atomic_write(run_dir.config, lambda tmp: Path(tmp).write_text(yaml.safe_dump(record, sort_keys=False)))
+
+    model = work.model
     mcfg = build_method_config(cfg.method, cfg.model, total_steps)
     adapters = inject_adapters(model, mcfg) if mcfg is not None else {}
     if mcfg is None:
@@ -208,13 +278,8 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
     allocator = RankAllocator(adapters, mcfg) if isinstance(mcfg, AdaLoRAConfig) else None
     gamma = mcfg.orth_reg_weight if isinstance(mcfg, AdaLoRAConfig) and mcfg.adapter == "svd" else 0.0
     init_ranks = {n: a.r for n, a in adapters.items()}
-    n_trainable = count_trainable(model)
-    o = cfg.optim
-    warmup = int(round(o.warmup_ratio * total_steps))
-
-    # ---- resume: allocator first (it may compact), then weights, then the optimizer over the final tensors
-    step, epoch, consumed, loss_ema, best, last_eval, skipped = 0, 0, 0, None, {}, {}, 0
-    if resume is not None:
+    state = RunState()
+    if resume is not None:  # the allocator first (it may compact), then the weights
         ckpt = resume[1]
         if allocator is not None:
             allocator.load_state_dict(ckpt["allocator"])
@@ -223,163 +288,200 @@ def _train(cfg: RunConfig, run_dir: str | os.PathLike | None) -> dict:
             raise ConfigError(f"{resume[0]} holds tensors this model lacks ({sorted(missing)[:3]})")
         model.load_state_dict(ckpt["model"], strict=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    o = cfg.optim
     optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    if resume is not None:
+    if resume is not None:  # restore: the optimizer over the final tensors, the RNG, the counters
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-        step, epoch, consumed = ckpt["step"], ckpt["epoch"], ckpt["consumed"]
-        loss_ema, best, last_eval, skipped = ckpt["loss_ema"], ckpt["best"], ckpt["last_eval"], ckpt["skipped"]
+        state = RunState.from_dict(ckpt["state"])
         if main:
-            for name in ("metrics.jsonl", "rank_history.jsonl"):
-                truncate_jsonl(run_dir / name, step)
-            print(f"[adalora] resuming {run_dir} from step {step}/{total_steps} ({resume[0].name})", flush=True)
-    # DDP after the allocator and the resume (the order does not matter to DDP; it broadcasts rank 0's weights)
-    net = distributed.wrap_ddp(model)
+            truncate_jsonl(run_dir.metrics, state.step)
+            truncate_jsonl(run_dir.rank_history, state.step)
+            print(f"[adalora] resuming {run_dir.path} from step {state.step}/{total_steps} ({resume[0].name})",
+                  flush=True)
+    net = distributed.wrap_ddp(model)  # after the allocator and the resume: DDP broadcasts rank 0's weights
+    run = Run(cfg=cfg, dir=run_dir, main=main, work=work, model=model, net=net, adapters=adapters, mcfg=mcfg,
+              allocator=allocator, optimizer=optimizer, trainable=trainable, total_steps=total_steps,
+              steps_per_epoch=steps_per_epoch, warmup=int(round(o.warmup_ratio * total_steps)), gamma=gamma,
+              init_ranks=init_ranks, cfg_dict=cfg_dict, t_start=t_start)
+    return run, state, resume is not None
 
-    log = RunLog(run_dir, cfg.logger, cfg_dict, resume=resume is not None) if main else _NoLog()
-    summary = {"status": "running", "task": cfg.task.name, "method": cfg.method.name, "target_r": cfg.method.target_r,
-               "seed": cfg.seed, "main_metric": work.main_metric, "higher_is_better": work.higher_is_better,
-               "trainable_params": n_trainable, "total_steps": total_steps, "run_dir": str(run_dir)}
-    if main:
-        write_json(run_dir / "summary.json", summary)
-    if work.planted is not None and main:
-        write_json(run_dir / "planted_ranks.json", work.planted)
-    if adapters and resume is None:
-        log.log_ranks(0, sum(init_ranks.values()), init_ranks)
 
-    def checkpoint(t: int) -> None:
-        if not all(torch.isfinite(p).all() for p in trainable):  # never save a NaN over a good checkpoint
-            raise FloatingPointError(f"non-finite weights at step {t}; no checkpoint written")
-        save_checkpoint(run_dir, {
-            "step": t, "epoch": epoch, "consumed": consumed, "config": cfg_dict,
-            "model": {k: v.detach().cpu().clone() for k, v in trainable_state_dict(model).items()},
-            "optimizer": optimizer.state_dict(), "allocator": allocator.state_dict() if allocator else None,
-            "rng": rng_state(), "elapsed": time.time() - t_start,
-            "loss_ema": loss_ema, "best": best, "last_eval": last_eval, "skipped": skipped,
-        }, cfg.keep_checkpoints)
+def _progress_bar(run: Run, state: RunState):
+    if not (run.cfg.progress and run.main):
+        return None
+    from tqdm.auto import tqdm
 
-    bar = None
-    if cfg.progress and main:
-        from tqdm.auto import tqdm
+    return tqdm(total=run.total_steps, initial=state.step, desc=f"{run.cfg.task.name}/{run.cfg.method.name}",
+                dynamic_ncols=True)
 
-        bar = tqdm(total=total_steps, initial=step, desc=f"{cfg.task.name}/{cfg.method.name}", dynamic_ncols=True)
-    eval_every = cfg.eval_every or steps_per_epoch
-    try:
-        model.train()
-        batches = work.epoch_batches(epoch, consumed)
-        while step < total_steps:
-            t = step + 1
-            lr = lr_at(t, total_steps, o.lr, warmup, o.schedule)  # 1. lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            task_loss_sum = 0.0
-            for micro in range(accum):
-                batch = next(batches, None)
-                if batch is None:  # epoch boundary
-                    epoch, consumed = epoch + 1, 0
-                    batches = work.epoch_batches(epoch, 0)
-                    batch = next(batches)
-                consumed += 1
-                batch, weight = distributed.shard_batch(batch)  # this rank's rows of the global batch
-                with distributed.grad_sync(net, enabled=micro == accum - 1):  # DDP all-reduces once per step
-                    task_loss = distributed.weight_loss(work.loss_fn(net, batch), weight)  # 2. forward
-                    loss = task_loss
-                    if gamma > 0:  # 3. loss + γ·R
-                        loss = loss + gamma * orthogonal_regularization(adapters, mcfg.orth_reg_form)
-                    (loss / accum).backward()  # 4. backward
-                task_loss_sum += task_loss.item()
-            task_loss_sum = distributed.mean_across_ranks(task_loss_sum)  # the global loss; same skip decision
-            if not math.isfinite(task_loss_sum):
-                if not cfg.skip_nonfinite:
-                    raise FloatingPointError(f"non-finite training loss at step {t} (lr={lr:.3g}). Lower optim.lr, "
-                                             "set optim.max_grad_norm, or skip_nonfinite=true to skip such steps")
-                skipped += 1
-                optimizer.zero_grad(set_to_none=False)
-                step = t  # the step is spent, with no update (counted in summary.skipped_steps)
-                log.log({"step": t, "split": "train", "skipped": skipped, "lr": lr})
-                continue
-            if o.max_grad_norm:  # 5. clip
-                torch.nn.utils.clip_grad_norm_(trainable, o.max_grad_norm)
-            optimizer.step()  # 6. optimizer step
-            info = allocator.step(t) if allocator is not None else None  # 7. allocator (optimizer-step counter)
-            if allocator is not None:
-                distributed.sync_allocator(allocator, info)  # rank 0's masks on every rank (no-op alone)
-            optimizer.zero_grad(set_to_none=False)  # 8. zero_grad (keeps the allocator's flat grad views)
-            step = t
-            if allocator is not None and info.masked and (info.phase != "final" or t == mcfg.total_steps - mcfg.tfinal):
-                log.log_ranks(t, info.budget, allocator.rank_pattern())
-            if allocator is not None and info.phase == "final" and cfg.method.compact and not allocator.compacted:
-                allocator.compact(optimizer)  # from here on FLOPs and optimizer state are the final budget's
-                trainable = [p for p in model.parameters() if p.requires_grad]
-                net = distributed.wrap_ddp(model)  # new Parameter objects: DDP is rebuilt around them
-            # 9. eval / log / checkpoint
-            train_loss = task_loss_sum / accum
-            loss_ema = train_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * train_loss
-            budget = info.budget if info is not None else sum(init_ranks.values())
-            if t % cfg.log_every == 0 or t == total_steps:
-                log.log({"step": t, "split": "train", "epoch": epoch, "loss": train_loss, "lr": lr, "budget": budget})
-            if main and (t % eval_every == 0 or t == total_steps):  # the other ranks wait in the next all-reduce
-                last_eval = work.evaluate(model)
-                log.log({"step": t, "split": "eval", "budget": budget, **last_eval})
-                m = last_eval[work.main_metric]
-                if not best or (m > best[work.main_metric]) == work.higher_is_better and m != best[work.main_metric]:
-                    best = {**last_eval, "step": t}
-            if main and ((cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == total_steps):
-                checkpoint(t)
-            fault_point("step", t)
-            if bar is not None:
-                bar.update(1)
-                post = {"loss": f"{loss_ema:.4f}", "budget": budget}
-                if last_eval:
-                    post[work.main_metric] = f"{last_eval[work.main_metric]:.4f}"
-                bar.set_postfix(post, refresh=False)
-    except BaseException as e:
-        summary.update(status="failed", error=f"{type(e).__name__}: {e}", wall_time_s=time.time() - t_start,
-                       failed_step=step + 1)
-        if main:
-            write_json(run_dir / "summary.json", summary)
-        log.close()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
 
-    # ---- final artefacts
-    ranks = allocator.rank_pattern() if allocator is not None else init_ranks
-    if adapters:
-        log.log_ranks(total_steps, sum(ranks.values()), ranks)
-    final = dict(last_eval)
-    if work.planted is not None and adapters:
+# ---------------------------------------------------------------------------------------------- step
+def train_step(run: Run, state: RunState, batches, log) -> object:
+    """One optimizer step in the reference order; returns the batch iterator (a new one at an epoch boundary)."""
+    cfg, o, accum = run.cfg, run.cfg.optim, run.cfg.grad_accum
+    t = state.step + 1
+    lr = lr_at(t, run.total_steps, o.lr, run.warmup, o.schedule)  # 1. lr
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    task_loss_sum = 0.0
+    for micro in range(accum):
+        batch = next(batches, None)
+        if batch is None:  # epoch boundary
+            state.epoch, state.consumed = state.epoch + 1, 0
+            batches = run.work.epoch_batches(state.epoch, 0)
+            batch = next(batches)
+        state.consumed += 1
+        batch, weight = distributed.shard_batch(batch)  # this rank's rows of the global batch
+        with distributed.grad_sync(run.net, enabled=micro == accum - 1):  # DDP all-reduces once per step
+            task_loss = distributed.weight_loss(run.work.loss_fn(run.net, batch), weight)  # 2. forward
+            loss = task_loss
+            if run.gamma > 0:  # 3. loss + γ·R
+                loss = loss + run.gamma * orthogonal_regularization(run.adapters, run.mcfg.orth_reg_form)
+            (loss / accum).backward()  # 4. backward
+        task_loss_sum += task_loss.item()
+    task_loss_sum = distributed.mean_across_ranks(task_loss_sum)  # the global loss: the same skip decision
+    if not math.isfinite(task_loss_sum):
+        if not cfg.skip_nonfinite:
+            raise FloatingPointError(f"non-finite training loss at step {t} (lr={lr:.3g}). Lower optim.lr, set "
+                                     "optim.max_grad_norm, or skip_nonfinite=true to skip such steps")
+        state.skipped += 1
+        run.optimizer.zero_grad(set_to_none=False)
+        state.step = t  # the step is spent, with no update (counted in summary.skipped_steps)
+        log.log({"step": t, "split": "train", "skipped": state.skipped, "lr": lr})
+        return batches
+    if o.max_grad_norm:  # 5. clip
+        torch.nn.utils.clip_grad_norm_(run.trainable, o.max_grad_norm)
+    run.optimizer.step()  # 6. optimizer step
+    state.lr_sum += lr
+    alloc = run.allocator
+    info = alloc.step(t) if alloc is not None else None  # 7. allocator (optimizer-step counter)
+    if alloc is not None:
+        distributed.sync_allocator(alloc, info)  # rank 0's masks on every rank (no-op alone)
+    run.optimizer.zero_grad(set_to_none=False)  # 8. zero_grad (keeps the allocator's flat grad views)
+    state.step = t
+    if alloc is not None and info.masked and (info.phase != "final" or t == run.mcfg.total_steps - run.mcfg.tfinal):
+        log.log_ranks(t, info.budget, alloc.rank_pattern())
+    if alloc is not None and info.phase == "final" and cfg.method.compact and not alloc.compacted:
+        alloc.compact(run.optimizer)  # from here on FLOPs and optimizer state are the final budget's
+        run.trainable = [p for p in run.model.parameters() if p.requires_grad]
+        run.net = distributed.wrap_ddp(run.model)  # new Parameter objects: DDP is rebuilt around them
+    # 9. eval / log / checkpoint
+    train_loss = task_loss_sum / accum
+    state.first_loss = train_loss if state.first_loss is None else state.first_loss
+    state.last_loss = train_loss
+    state.loss_ema = train_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * train_loss
+    budget = info.budget if info is not None else sum(run.init_ranks.values())
+    if t % cfg.log_every == 0 or t == run.total_steps:
+        log.log({"step": t, "split": "train", "epoch": state.epoch, "loss": train_loss, "lr": lr, "budget": budget})
+    eval_every = cfg.eval_every or run.steps_per_epoch
+    if run.main and (t % eval_every == 0 or t == run.total_steps):  # the other ranks wait in the next all-reduce
+        evaluate(run, state, log, budget)
+    if run.main and ((cfg.checkpoint_every and t % cfg.checkpoint_every == 0) or t == run.total_steps):
+        checkpoint(run, state)
+    fault_point("step", t)
+    return batches
+
+
+def evaluate(run: Run, state: RunState, log, budget: int) -> None:
+    state.last_eval = run.work.evaluate(run.model)
+    log.log({"step": state.step, "split": "eval", "budget": budget, **state.last_eval})
+    key, m = run.work.main_metric, state.last_eval[run.work.main_metric]
+    best = state.best.get(key)
+    if best is None or (m > best if run.work.higher_is_better else m < best):
+        state.best = {**state.last_eval, "step": state.step}
+
+
+def checkpoint(run: Run, state: RunState) -> None:
+    if not all(torch.isfinite(p).all() for p in run.trainable):  # never save a NaN over a good checkpoint
+        raise FloatingPointError(f"non-finite weights at step {state.step}; no checkpoint written")
+    state.elapsed += time.time() - run.t_start  # wall time adds up over the pieces of a killed run
+    run.t_start = time.time()
+    save_checkpoint(run.dir.path, {
+        "state": state.to_dict(), "config": run.cfg_dict, "inputs": run.work.inputs,
+        "model": {k: v.detach().cpu().clone() for k, v in trainable_state_dict(run.model).items()},
+        "optimizer": run.optimizer.state_dict(), "allocator": run.allocator.state_dict() if run.allocator else None,
+        "rng": rng_state(),
+    }, run.cfg.keep_checkpoints)
+
+
+# ---------------------------------------------------------------------------------------------- finish
+def _failure(run: Run, state: RunState) -> str | None:
+    """Why a run that trained to its end still failed, or None."""
+    cfg = run.cfg
+    if state.skipped > cfg.max_skipped_ratio * run.total_steps:
+        return (f"{state.skipped} of {run.total_steps} steps were skipped for a non-finite loss (more than "
+                f"max_skipped_ratio={cfg.max_skipped_ratio}). Lower optim.lr or set optim.max_grad_norm")
+    value = state.last_eval.get(run.work.main_metric)
+    if value is None or not math.isfinite(value):
+        return f"the final {run.work.main_metric} is {value} (not a finite number)"
+    if state.first_loss is not None and state.loss_ema is not None and \
+            not state.loss_ema <= cfg.divergence_ratio * state.first_loss:
+        return (f"training diverged: the final train loss {state.loss_ema:.4g} is above divergence_ratio="
+                f"{cfg.divergence_ratio} x the first ({state.first_loss:.4g}). Lower optim.lr")
+    return None
+
+
+def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
+    """The final files, in an order that a kill at any point and a rerun reproduce: summary.json comes last."""
+    alloc, adapters = run.allocator, run.adapters
+    ranks = alloc.rank_pattern() if alloc is not None else run.init_ranks
+    final = dict(state.last_eval)
+    if run.work.planted is not None and adapters:
         from .planted import rank_recovery
 
-        final.update(rank_recovery(ranks, work.planted))
-    if not main:  # rank 0 writes the run folder
-        summary.update(status="completed", final=final, final_budget=sum(ranks.values()), error=None)
-        return summary
-    write_json(run_dir / "rank_pattern.json", ranks)
-    if mcfg is not None:
-        save_adapter(run_dir / "adapter", model, mcfg, allocator)
-    else:
-        atomic_write(run_dir / "model.pt", lambda tmp: torch.save(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp))
-    summary.update(status="completed", final=final, best=best or final, final_budget=sum(ranks.values()),
-                   adapter_params=adapter_param_count(adapters, ranks), init_budget=sum(init_ranks.values()),
-                   skipped_steps=skipped, wall_time_s=time.time() - t_start, error=None)
-    _figures(run_dir, ranks, work.planted, log)
-    write_json(run_dir / "summary.json", summary)
-    log.close(summary)
-    return summary
+        final.update(rank_recovery(ranks, run.work.planted))
+    reason = _failure(run, state)
+    summary.status = "failed" if reason else "completed"
+    summary.final, summary.best = final, state.best or final
+    summary.final_budget, summary.adapter_params = sum(ranks.values()), adapter_param_count(adapters, ranks)
+    summary.skipped_steps, summary.error = state.skipped, reason
+    summary.wall_time_s = state.elapsed + time.time() - run.t_start
+    if run.main:
+        from .rundir import write_json
+
+        if adapters:
+            log.log_ranks(run.total_steps, sum(ranks.values()), ranks, final=True)
+        write_json(run.dir.rank_pattern, ranks)
+        if run.mcfg is not None:
+            save_adapter(run.dir.adapter, run.model, run.mcfg, alloc)
+        else:
+            atomic_write(run.dir.model, lambda tmp: torch.save(
+                {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, tmp))
+        _figures(run, ranks, log)
+        fault_point("finish", run.total_steps)
+        run.dir.write_summary(summary)
+        log.close(summary.to_dict())
+    if reason:
+        raise TrainingFailed(reason)
+    return summary.to_dict()
 
 
-def _figures(run_dir: Path, ranks: dict, planted: dict | None, log: RunLog) -> None:
+def _figures(run: Run, ranks: dict, log: RunLog) -> None:
     if not ranks:
         return
     from .plots import rank_heatmap, rank_history_plot
+    from .summary import read_jsonl
 
-    fig_dir = run_dir / "figures"
+    fig_dir = run.dir.figures
     fig_dir.mkdir(exist_ok=True)
-    heat = rank_heatmap(ranks, fig_dir / "rank_heatmap.png", title="kept rank per module", planted=planted)
-    history = [json.loads(line) for line in (run_dir / "rank_history.jsonl").read_text().splitlines() if line]
+    heat = rank_heatmap(ranks, fig_dir / "rank_heatmap.png", title="kept rank per module", planted=run.work.planted)
+    history = read_jsonl(run.dir.rank_history)
     if history:
         rank_history_plot(history, fig_dir / "rank_history.png")
     log.log_image("rank_heatmap", heat)
+
+
+def _record_setup_failure(cfg: RunConfig, run_dir: RunDir, error: BaseException) -> None:
+    """A run that fails before its loop starts still says why in summary.json (for sweeps and summaries);
+    a folder that already holds a summary (a finished or resumed run) is left untouched."""
+    if not distributed.is_main() or run_dir.summary.exists():
+        return
+    if not run_dir.config.exists():
+        import yaml
+
+        atomic_write(run_dir.config, lambda tmp: Path(tmp).write_text(
+            yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)))
+    run_dir.write_summary(Summary(status="failed", task=cfg.task.name, method=cfg.method.name,
+                                  target_r=cfg.method.target_r, seed=cfg.seed,
+                                  error=f"{type(error).__name__}: {error}", failed_step=0))

@@ -32,6 +32,18 @@ def _load(fn, name: str, field_name: str, **kwargs):
         raise
 
 
+def model_source(cfg: ModelConfig) -> dict:
+    """What identifies the backbone's weights: the packaged or local folder's files by content; a Hub name as
+    given; for random models nothing beyond the config (their weights follow from the seed)."""
+    from .fingerprint import model_identity
+
+    if cfg.kind == "minilm":
+        return model_identity(minilm_path())
+    if cfg.kind == "hub":
+        return model_identity(cfg.path)
+    return {"random": cfg.kind}
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

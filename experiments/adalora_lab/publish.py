@@ -19,14 +19,13 @@ import shutil
 import sys
 from pathlib import Path
 
-SMALL_FILES = ("config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
-               "planted_ranks.json")
+from .rundir import SMALL_FILES, SUMMARY
 
 
 def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
     """(copied run folders, skipped runs with the reason)."""
     copied, skipped = [], []
-    for summary in sorted(sweep_dir.rglob("summary.json")):
+    for summary in sorted(sweep_dir.rglob(SUMMARY)):
         run = summary.parent
         if any(part in ("checkpoints", "adapter") for part in run.relative_to(sweep_dir).parts):
             continue
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
         if not fig.is_file():
             print(f"collect_results.py: error: {fig} does not exist", file=sys.stderr)
             return 2
-        s = json.loads((run / "summary.json").read_text())
+        s = json.loads((run / SUMMARY).read_text())
         name = f"rank_history_{s['task']}_{s['method']}_r{s['target_r']}_seed{s['seed']}.png"
         shutil.copy2(fig, args.dest_dir / name)
     print(f"copied {len(copied)} run folders to {args.dest_dir}; skipped {len(skipped)}")

@@ -1,11 +1,17 @@
-"""Training checkpoints for exact resume: written atomically, loaded with ``weights_only=True``.
+"""Training checkpoints for exact resume: written atomically, checksummed, loaded with ``weights_only=True``.
 
-A checkpoint holds the trainable tensors, the optimizer, the allocator, the RNG states and the data
-position, so a run killed at any point and restarted continues as if nothing happened.
+A checkpoint holds the run state (``RunState``: step, data position, metrics so far), the trainable tensors,
+the optimizer, the allocator, the RNG states, the run config and what the run read, so a run killed at any
+point and restarted continues as if nothing happened.
+
+File layout: a header line ``adalora-train-checkpoint sha256=<64 hex>`` then the ``torch.save`` bytes; a file
+whose bytes do not match its checksum (a torn write, a flipped bit) is never loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
@@ -17,9 +23,12 @@ import numpy as np
 import torch
 
 from adalora.checkpoint import atomic_write
+from adalora.config import ConfigError
+
+from .rundir import CHECKPOINTS
 
 FORMAT = "adalora-train-checkpoint"
-CKPT_DIR = "checkpoints"
+_HEADER = FORMAT.encode() + b" sha256="
 
 
 FAULT_ENV = "ADALORA_FAULT_INJECT"  # tests only: "kill@step:N" or "kill@checkpoint:N" ("raise@..." raises)
@@ -61,16 +70,22 @@ def set_rng_state(state: dict) -> None:
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}.pt"
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}.pt"
 
 
-def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
-    """Write ``state`` for its step atomically (temp file, fsync, rename) and keep the newest ``keep``."""
-    path = checkpoint_path(run_dir, state["step"])
+def save_checkpoint(run_dir: Path, payload: dict, keep: int) -> Path:
+    """Write ``payload`` (with its ``state["step"]``) atomically with its checksum; keep the newest ``keep``."""
+    step = payload["state"]["step"]
+    path = checkpoint_path(run_dir, step)
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **payload}, buf)
+    body = buf.getvalue()
 
     def write(tmp: str) -> None:
-        torch.save({"format": FORMAT, **state}, tmp)
-        fault_point("checkpoint", state["step"])  # tests: die with the temp file written, not yet renamed
+        with open(tmp, "wb") as f:
+            f.write(_HEADER + hashlib.sha256(body).hexdigest().encode() + b"\n")
+            f.write(body)
+        fault_point("checkpoint", step)  # tests: die with the temp file written, not yet renamed
 
     atomic_write(path, write)
     olds = sorted(path.parent.glob("step_*.pt"))
@@ -80,31 +95,47 @@ def save_checkpoint(run_dir: Path, state: dict, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an adalora training checkpoint")
+    """The payload of a checkpoint file; ConfigError if it is not one, is torn, or fails its checksum."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror})") from None
+    head, _, body = data.partition(b"\n")
+    if not head.startswith(_HEADER):
+        raise ConfigError(f"{path} is not an adalora training checkpoint (a checkpoint is "
+                          f"<run>/{CHECKPOINTS}/step_<N>.pt; resume= takes one or a run folder)")
+    if hashlib.sha256(body).hexdigest().encode() != head[len(_HEADER):]:
+        raise ConfigError(f"{path} fails its checksum (a torn write or a corrupted file)")
+    try:
+        state = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)  # no arbitrary unpickling
+    except Exception as e:  # noqa: BLE001 - any undecodable body is the same user-facing problem
+        raise ConfigError(f"{path} cannot be decoded ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("state"), dict):
+        raise ConfigError(f"{path} is not an adalora training checkpoint of this version")
     return state
 
 
 def latest_checkpoint(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest readable checkpoint of a run folder (a torn or corrupt file is skipped with a warning)."""
-    for path in sorted((Path(run_dir) / CKPT_DIR).glob("step_*.pt"), reverse=True):
+    """The newest good checkpoint of a run folder (a torn, corrupt or foreign file is skipped with a warning)."""
+    for path in sorted((Path(run_dir) / CHECKPOINTS).glob("step_*.pt"), reverse=True):
         try:
             return path, load_checkpoint(path)
-        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
-            warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=2)
+        except ConfigError as e:
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
     return None
 
 
 def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Drop the lines logged after ``max_step`` (they are re-done by the resumed run)."""
+    """Drop the lines logged after ``max_step``, and those of the final write-out (they are re-done by the
+    resumed run)."""
     if not path.exists():
         return
     keep = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line)["step"] <= max_step:
+            rec = json.loads(line)
+            if rec["step"] <= max_step and not rec.get("final"):
                 keep.append(line)
-        except (ValueError, KeyError):  # a line torn by the kill
+        except (ValueError, KeyError, TypeError):  # a line torn by the kill
             continue
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(x + "\n" for x in keep)))

@@ -6,12 +6,25 @@ composition, before any compute.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from adalora.config import ConfigError
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+# Field metadata: ``affects_result=False`` marks what cannot change a run's numbers (where it logs, how often it
+# checkpoints, threads, paths). Resume / reuse ignore those fields, and sweep folder names leave them out.
+NO_EFFECT = {"affects_result": False}
+
+
+def no_effect(default=None, factory=None):
+    """A field that does not change the run's result."""
+    if factory is not None:
+        return field(default_factory=factory, metadata=NO_EFFECT)
+    return field(default=default, metadata=NO_EFFECT)
 
 
 @dataclass
@@ -73,7 +86,7 @@ class MethodConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     use_rslora: bool = False
-    target_modules: Optional[list] = None  # None: the model's defaults
+    target_modules: Any = None  # None: the model's defaults; a list of suffixes, or one regex string
     modules_to_save: Optional[list] = None
     tinit: float = 0.1
     tfinal: float = 0.4
@@ -125,8 +138,8 @@ class RunConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    logger: LoggerConfig = no_effect(factory=LoggerConfig)
+    paths: PathsConfig = no_effect(factory=PathsConfig)
     seed: int = 0
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs
@@ -134,20 +147,66 @@ class RunConfig:
     eval_batch_size: int = 128
     grad_accum: int = 1
     eval_every: int = 0  # optimizer steps; 0 = once per epoch
-    log_every: int = 10
-    checkpoint_every: int = 0  # optimizer steps between resumable checkpoints; 0 = only at the end
-    keep_checkpoints: int = 2
-    resume: Optional[str] = None  # a checkpoint file or run folder; by default the run folder's own newest
+    log_every: int = no_effect(10)
+    checkpoint_every: int = no_effect(0)  # optimizer steps between resumable checkpoints; 0 = only at the end
+    keep_checkpoints: int = no_effect(2)
+    resume: Optional[str] = no_effect(None)  # a checkpoint file or run folder; by default the run folder's newest
     skip_nonfinite: bool = False  # skip (and count) steps with a non-finite loss instead of stopping
+    max_skipped_ratio: float = 0.05  # a run that skips more than this share of its steps ends failed
+    divergence_ratio: float = 10.0  # a run whose final train loss is above this x its first ends failed
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 (autocast of the model's forward; weights, optimizer and scores stay fp32)
     deterministic: bool = False
-    threads: Optional[int] = None
-    progress: bool = True
-    traceback: bool = False  # print the full traceback on a user error instead of one line
+    threads: Optional[int] = no_effect(None)  # torch intra-op threads; None: the launcher's share of the cores
+    progress: bool = no_effect(True)
+    traceback: bool = no_effect(False)  # print the full traceback on an error instead of one line
     # free-form values for interpolation (e.g. glue_compare's per-task protocol table); the loop never reads it,
     # so a resumed or reused run compares the resolved fields, not this table
-    extra: dict = field(default_factory=dict)
+    extra: dict = no_effect(factory=dict)
+
+
+def result_fields(cls=None, prefix: str = "") -> tuple[list[str], list[str]]:
+    """(dotted fields that affect a run's result, dotted fields that do not) of ``RunConfig``; a nested dataclass
+    marked ``no_effect`` counts whole (``logger``, ``paths``)."""
+    cls = cls or RunConfig
+    yes, no = [], []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if not f.metadata.get("affects_result", True):
+            no.append(name)
+            continue
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            y, n = result_fields(sub, name + ".")
+            yes += y
+            no += n
+        else:
+            yes.append(name)
+    return yes, no
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_diff(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every field that affects the result and differs between two config dicts."""
+    _, ignored = result_fields()
+    skip = tuple(ignored)
+    a, b = _flat(saved), _flat(current)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k == "inputs" or k.startswith("inputs.") or any(k == s or k.startswith(s + ".") for s in skip):
+            continue
+        if a.get(k) != b.get(k):
+            out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
 
 
 def _need(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
@@ -155,8 +214,29 @@ def _need(ok: bool, field_name: str, value, rule: str, fix: str) -> None:
         raise ConfigError(f"{field_name}={value}: {rule}. Fix: {fix}")
 
 
+def _nonfinite(obj, prefix: str = "") -> list[str]:
+    """Dotted names of float fields holding NaN or inf (lists included, e.g. optim.betas)."""
+    bad = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(v):
+            bad += _nonfinite(v, name + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            bad.append(f"{name}={v}")
+        elif isinstance(v, (list, tuple)) and any(isinstance(x, float) and not math.isfinite(x) for x in v):
+            bad.append(f"{name}={list(v)}")
+    return bad
+
+
 def validate_run_config(cfg: RunConfig) -> None:
-    """Checks that need no data or model: run first, so a typo costs a second, not a model load."""
+    """Checks that need no data or model: run first, so a typo costs a second, not a model load.
+
+    The one place where a run config is checked; the library configs check their own fields when built.
+    """
+    bad = _nonfinite(cfg)
+    if bad:
+        raise ConfigError(f"{bad[0]}: NaN and inf are not valid settings. Fix: give a finite number")
     _need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1", "e.g. batch_size=32")
     _need(cfg.eval_batch_size >= 1, "eval_batch_size", cfg.eval_batch_size, "must be >= 1", "e.g. eval_batch_size=128")
     _need(cfg.grad_accum >= 1, "grad_accum", cfg.grad_accum, "must be >= 1", "grad_accum=1 for no accumulation")
@@ -169,11 +249,21 @@ def validate_run_config(cfg: RunConfig) -> None:
     _need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", cfg.max_steps, "must be >= 1 or null (use epochs)",
           "drop it or give a positive number")
     _need(cfg.epochs > 0, "epochs", cfg.epochs, "must be > 0", "e.g. epochs=3")
+    _need(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be >= 1 or null (automatic)",
+          "e.g. threads=1")
+    _need(0 <= cfg.max_skipped_ratio <= 1, "max_skipped_ratio", cfg.max_skipped_ratio, "must be in [0, 1]",
+          "e.g. max_skipped_ratio=0.05")
+    _need(cfg.divergence_ratio > 1, "divergence_ratio", cfg.divergence_ratio, "must be > 1",
+          "e.g. divergence_ratio=10")
     o = cfg.optim
     _need(o.name == "adamw", "optim.name", repr(o.name), "only adamw is provided", "optim=adamw")
     _need(o.schedule in ("linear", "cosine", "constant"), "optim.schedule", repr(o.schedule),
           "use linear, cosine or constant", "optim.schedule=linear")
     _need(o.lr > 0, "optim.lr", o.lr, "must be > 0", "e.g. optim.lr=1e-3")
+    _need(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas), "optim.betas",
+          list(o.betas), "must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.999]")
+    _need(o.eps > 0, "optim.eps", o.eps, "must be > 0", "e.g. optim.eps=1e-8")
+    _need(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0", "e.g. optim.weight_decay=0")
     _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)", "e.g. 0.06")
     _need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm,
           "must be > 0 or null (no clipping)", "e.g. optim.max_grad_norm=1.0")
@@ -189,6 +279,24 @@ def validate_run_config(cfg: RunConfig) -> None:
 
         _need(torch.cuda.is_available(), "device", cfg.device, "no CUDA GPU is available here",
               "device=auto (uses a GPU when there is one) or device=cpu")
+    if cfg.device.startswith("mps"):
+        import torch
+
+        _need(torch.backends.mps.is_available(), "device", cfg.device, "no Apple MPS device is available here",
+              "device=auto or device=cpu")
+    if cfg.task.name == "planted_rank":
+        pl = cfg.task.planted
+        for name in ("dim", "hidden", "n_blocks", "n_train", "n_eval"):
+            v = getattr(pl, name)
+            _need(isinstance(v, int) and v >= 1, f"task.planted.{name}", v, "must be an integer >= 1",
+                  f"e.g. task.planted.{name}={getattr(PlantedConfig(), name)}")
+        _need(pl.delta_scale > 0, "task.planted.delta_scale", pl.delta_scale, "must be > 0",
+              "e.g. task.planted.delta_scale=1.0")
+        cap = min(pl.dim, pl.hidden)
+        for module, r in dict(pl.planted).items():
+            _need(isinstance(r, int) and 0 <= r <= cap, f"task.planted.planted.{module}", r,
+                  f"a planted rank must be an integer in [0, min(dim, hidden) = {cap}]",
+                  f"give a rank <= {cap}, or widen task.planted.dim / task.planted.hidden")
     _need(cfg.precision in ("fp32", "bf16"), "precision", repr(cfg.precision), "expected fp32 or bf16",
           "precision=fp32, or precision=bf16 on a GPU or a CPU with bf16 units (AMX / AVX512-BF16)")
     _need(cfg.logger.name in ("none", "jsonl", "wandb"), "logger.name", repr(cfg.logger.name),

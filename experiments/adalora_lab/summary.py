@@ -35,6 +35,8 @@ from pathlib import Path
 
 import yaml
 
+from . import rundir
+
 
 def _plots():
     """adalora_lab.plots, imported on first use so that a bad argument fails before torch loads."""
@@ -53,8 +55,7 @@ METHOD_ORDER = ("full", "lora", "svd_lora", "prune_lora", "adalora", "adalora_se
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "planted_rank")
 CSV_COLUMNS = ("task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params", "adapter_params",
                "wall_time_s", "is_main", "higher_is_better")
-_RUN_MARKERS = ("summary.json", "config.yaml", "metrics.jsonl")
-_SKIP_DIRS = ("figures", "adapter")
+
 
 
 class SummarizeError(RuntimeError):
@@ -105,7 +106,7 @@ def _truthy(v) -> bool:
 
 
 def _is_run_dir(d: Path) -> bool:
-    return any((d / m).is_file() for m in _RUN_MARKERS) or (d / ".hydra" / "config.yaml").is_file()
+    return any((d / m).is_file() for m in rundir.RUN_MARKERS) or (d / ".hydra" / "config.yaml").is_file()
 
 
 def load_run(run_dir, root=None) -> dict:
@@ -118,7 +119,7 @@ def load_run(run_dir, root=None) -> dict:
     run_dir = Path(run_dir)
     rel = os.path.relpath(run_dir, root) if root is not None else str(run_dir)
     cfg = {}
-    for cfg_path in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+    for cfg_path in (run_dir / rundir.CONFIG, run_dir / ".hydra" / "config.yaml"):
         if cfg_path.is_file():
             try:
                 cfg = yaml.safe_load(cfg_path.read_text()) or {}
@@ -132,7 +133,7 @@ def load_run(run_dir, root=None) -> dict:
 
     error = None
     try:
-        summary = read_json(run_dir / "summary.json")
+        summary = read_json(run_dir / rundir.SUMMARY)
     except (json.JSONDecodeError, OSError) as e:
         summary, error = None, f"unreadable summary.json: {e}"
     if not isinstance(summary, dict):
@@ -141,7 +142,7 @@ def load_run(run_dir, root=None) -> dict:
         summary = {}
         status = "failed" if error else "incomplete"
         if error is None:
-            metrics = read_jsonl(run_dir / "metrics.jsonl")
+            metrics = read_jsonl(run_dir / rundir.METRICS)
             last = max((m.get("step", -1) for m in metrics if isinstance(m, dict)), default=None)
             error = "no summary.json (crashed or still running)" + (
                 f"; last logged step {last}" if last is not None else "; no metrics logged")
@@ -172,10 +173,10 @@ def load_run(run_dir, root=None) -> dict:
         "wall_time_s": summary.get("wall_time_s"),
         "rank_pattern": None,
         "planted_ranks": None,
-        "has_history": (run_dir / "rank_history.jsonl").is_file(),
+        "has_history": (run_dir / rundir.RANK_HISTORY).is_file(),
         "config": cfg if isinstance(cfg, dict) else {},
     }
-    for key, fname in (("rank_pattern", "rank_pattern.json"), ("planted_ranks", "planted_ranks.json")):
+    for key, fname in (("rank_pattern", rundir.RANK_PATTERN), ("planted_ranks", rundir.PLANTED)):
         try:
             rec[key] = read_json(run_dir / fname)
         except (json.JSONDecodeError, OSError):
@@ -197,7 +198,7 @@ def collect_runs(multirun_dir) -> list[dict]:
             runs.append(load_run(d, root))
             dirnames[:] = []
             continue
-        dirnames[:] = sorted(x for x in dirnames if not x.startswith(".") and x not in _SKIP_DIRS)
+        dirnames[:] = sorted(x for x in dirnames if not x.startswith(".") and x not in rundir.INNER_DIRS)
     return sorted(runs, key=lambda r: r["rel"])
 
 
