@@ -6,8 +6,10 @@ the first second instead of an hour into a run.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal, Union
 
 TargetModules = Union[list, tuple, str]
@@ -15,6 +17,7 @@ TargetModules = Union[list, tuple, str]
 SCORES = ("ipt", "sensitivity", "magnitude")
 ORTH_FORMS = ("reference", "paper")
 ADAPTERS = ("svd", "lora")
+ON_BAD_SCORES = ("raise", "skip")
 
 
 class ConfigError(ValueError):
@@ -46,6 +49,15 @@ def _check_targets(cls: str, targets, modules_to_save) -> None:
               "use e.g. ['classifier']")
 
 
+def _check_finite(cls: str, c) -> None:
+    """NaN and inf pass most range checks (``nan < 0`` is False), so they are refused first, for every field."""
+    for f in fields(c):
+        v = getattr(c, f.name)
+        if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v):
+            default = "" if f.default is MISSING else f" (the default is {f.default!r})"
+            _fail(cls, f.name, v, "must be a finite number, not NaN or inf", f"give a finite {f.name}{default}")
+
+
 def _check_common(cls: str, c) -> None:
     if not (c.lora_alpha > 0):
         _fail(cls, "lora_alpha", c.lora_alpha, "must be > 0 (the adapter's scale is alpha / r)",
@@ -71,6 +83,7 @@ class LoRAConfig:
     rank_pattern: dict = field(default_factory=dict)  # {module name: r}, overrides r per module
 
     def __post_init__(self):
+        _check_finite("LoRAConfig", self)
         if not isinstance(self.r, int) or self.r < 1:
             _fail("LoRAConfig", "r", self.r, "the LoRA rank must be an integer >= 1", "use e.g. r=8")
         _check_common("LoRAConfig", self)
@@ -108,9 +121,13 @@ class AdaLoRAConfig:
     adapter: Literal["svd", "lora"] = "svd"  # "lora": prune-LoRA, scoring plain B A rank components
     orth_reg_form: Literal["reference", "paper"] = "reference"
     rank_pattern: dict = field(default_factory=dict)  # {module name: r}, overrides init_r per module
+    # a masking step whose triplet scores are all 0 or not finite (grads None, zero or NaN): "raise" stops with
+    # the cause and the fix; "skip" warns once, keeps the previous mask and leaves non-finite grads out of the EMAs
+    on_bad_scores: Literal["raise", "skip"] = "raise"
 
     def __post_init__(self):
         cls = "AdaLoRAConfig"
+        _check_finite(cls, self)
         if not isinstance(self.init_r, int) or self.init_r < 1:
             _fail(cls, "init_r", self.init_r, "the initial rank must be an integer >= 1",
                   "use e.g. init_r=12 (1.5x target_r)")
@@ -144,6 +161,9 @@ class AdaLoRAConfig:
                   "use score='ipt' with adapter='lora'")
         if self.orth_reg_form not in ORTH_FORMS:
             _fail(cls, "orth_reg_form", self.orth_reg_form, f"expected one of {ORTH_FORMS}", "use 'reference'")
+        if self.on_bad_scores not in ON_BAD_SCORES:
+            _fail(cls, "on_bad_scores", self.on_bad_scores, f"expected one of {ON_BAD_SCORES}",
+                  "use 'raise' (stop at the first masking step without usable scores) or 'skip'")
         if self.total_steps is not None:
             if not isinstance(self.total_steps, int) or self.total_steps < 1:
                 _fail(cls, "total_steps", self.total_steps, "must be the number of optimizer steps, >= 1",

@@ -275,30 +275,23 @@ def sync_allocator(allocator, info=None, src: int = 0) -> bool:
     first_final = allocator.final_keep is not None and _synced_final.get(allocator) is not allocator.final_keep
     if info is not None and (not info.masked or (info.phase == "final" and not first_final)):
         return False
-    keep = allocator.keep
+    state = allocator.mask_state()
+    keep, values = state["keep"], state["singular_values"]  # values: the n Λ (SVD adapters), None for prune-LoRA
     n = keep.numel()
-    w = allocator._w  # flat adapter weights; with adapter="svd" the n singular values come first
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    parts = [keep.to(dtype)]
-    if allocator.svd:
-        parts.append(w[:n].to(dtype))
-    send_scores = first_final and allocator.final_scores is not None
+    dtype = torch.promote_types(allocator.layout.dtype, torch.float32)
+    parts = [keep.to(dtype)] + ([] if values is None else [values.to(dtype)])
+    send_scores = first_final and state["final_scores"] is not None
     if send_scores:
-        parts.append(allocator.final_scores.to(dtype))
+        parts.append(state["final_scores"].to(dtype))
     buf = torch.cat(parts)
     dist.broadcast(buf, src=src)
-    new_keep = buf[:n] > 0.5
-    differed = not torch.equal(new_keep, keep)
-    keep.copy_(new_keep)  # in place: in the final phase keep *is* final_keep
-    if allocator.svd:
-        w[:n].copy_(buf[n:2 * n])  # rank src's E: the mask applied to it and the values it kept
-    else:
-        allocator._gate.copy_(keep)
+    got = {"keep": buf[:n] > 0.5}
+    if values is not None:
+        got["singular_values"] = buf[n:2 * n]  # rank src's Λ: the mask applied to it and the values it kept
     if send_scores:
-        allocator.final_scores.copy_(buf[-n:])
+        got["final_scores"] = buf[-n:]
+    differed = allocator.set_mask_state(got)  # re-applies the mask (and, once frozen, its grad masks)
     if allocator.final_keep is not None:
-        if differed:  # rebuild rank_keep and the lora_E grad masks from the agreed pattern
-            allocator._freeze_pattern()
         _synced_final[allocator] = allocator.final_keep
     return differed
 

@@ -17,9 +17,11 @@ def orthogonal_regularization(adapters: Mapping[str, AdapterLayer] | Iterable[Ad
     form="paper": sum over all matrices of ‖·‖_F², as written in the paper.
     Returns a 0-dim tensor (0 when there is no SVD adapter, e.g. plain LoRA).
 
-    Once the allocator has frozen the pattern (final phase), the penalty covers the kept triplets
-    only, so that compaction changes nothing. ``include_pruned=True`` keeps the pruned rows of Q and
-    columns of P in it, as the reference code and PEFT do.
+    Once the allocator has frozen the pattern (inside ``RankAllocator.step(T - tfinal)``, so from the loss
+    of step T - tfinal + 1 on), the penalty covers the kept triplets only (``layer.rank_keep``), so that
+    compaction changes nothing; a module with no kept triplet leaves the mean. ``include_pruned=True``
+    keeps the pruned rows of Q and columns of P in it, as the authors' code and PEFT do: with it, and
+    without ``compact()``, training reproduces the reference exactly.
     """
     if form not in ("reference", "paper"):
         raise ValueError(f"orthogonal_regularization(form={form!r}): use 'reference' or 'paper'")

@@ -18,6 +18,25 @@ def update_importance(w: torch.Tensor, g: torch.Tensor, ema_ipt: torch.Tensor, e
         ema_unc.lerp_(ipt.sub_(ema_ipt).abs_(), 1.0 - beta2)
 
 
+@torch.no_grad()
+def update_importance_finite(w: torch.Tensor, g: torch.Tensor, ema_ipt: torch.Tensor, ema_unc: torch.Tensor | None,
+                             beta1: float, beta2: float) -> torch.Tensor:
+    """``update_importance``, except that the EMAs stay exactly as they were when any I = |w ⊙ g| is NaN or inf
+    (a NaN would stay in an EMA for good). Returns the 0-dim bool "updated" without a host sync.
+
+    Two passes more than the plain update (a sum to test, a nan_to_num so that the gated lerp reads finite
+    values): EMA + 0 · (I − EMA) is EMA exactly, but only for a finite I.
+    """
+    ipt = torch.mul(w, g).abs_()  # I >= 0, so the sum is finite iff every entry is (accumulated in >= fp32)
+    ok = ipt.sum(dtype=torch.promote_types(ipt.dtype, torch.float32)).isfinite()
+    ipt.nan_to_num_(0.0, 0.0, 0.0)
+    gate = ok.to(ema_ipt.dtype)  # 0-dim: 1 updates, 0 leaves the EMAs untouched
+    ema_ipt.lerp_(ipt, gate * (1.0 - beta1))
+    if ema_unc is not None:
+        ema_unc.lerp_(ipt.sub_(ema_ipt).abs_(), gate * (1.0 - beta2))
+    return ok
+
+
 def _fused_step(w, g, ema_ipt, ema_unc, beta1: float, beta2: float):
     ipt = (w * g).abs()
     new_ipt = ema_ipt + (1.0 - beta1) * (ipt - ema_ipt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import warnings
 
 import pytest
@@ -39,6 +41,7 @@ def ada(**kw):
     (dict(tinit=-1), "tinit"),
     (dict(modules_to_save="classifier"), "modules_to_save"),
     (dict(rank_pattern={"query": -1}), "rank_pattern"),
+    (dict(on_bad_scores="ignore"), "on_bad_scores"),
 ])
 def test_invalid_adalora_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=field) as exc:
@@ -64,6 +67,35 @@ def test_tinit_tfinal_message_says_why():
 def test_invalid_lora_config_names_the_field(kw, field):
     with pytest.raises(ConfigError, match=rf"LoRAConfig\.{field}="):
         LoRAConfig(**kw)
+
+
+def _field_cases(cls):
+    return [pytest.param(cls, f, id=f"{cls.__name__}.{f.name}") for f in dataclasses.fields(cls)]
+
+
+@pytest.mark.parametrize("cls, fld", _field_cases(LoRAConfig) + _field_cases(AdaLoRAConfig))
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_value_refused_in_every_field(cls, fld, bad):
+    """NaN passes range checks (``nan < 0`` is False) and inf passes ``> 0``: every field refuses both by name."""
+    kw = OK if cls is AdaLoRAConfig else {}
+    with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{fld.name}=.*finite.*Fix:"):
+        cls(**{**kw, fld.name: bad})
+
+
+@pytest.mark.parametrize("cls", [LoRAConfig, AdaLoRAConfig])
+def test_float_fields_refuse_non_finite_and_accept_finite(cls):
+    """The float fields (by annotation): the ones where NaN / inf would otherwise be accepted silently."""
+    floats = [f.name for f in dataclasses.fields(cls) if f.type in ("float", float)]
+    assert {"lora_alpha", "lora_dropout"} <= set(floats)
+    if cls is AdaLoRAConfig:
+        assert {"beta1", "beta2", "orth_reg_weight"} <= set(floats)
+    kw = OK if cls is AdaLoRAConfig else {}
+    for name in floats:
+        cls(**{**kw, name: getattr(cls(**kw), name)})  # the default is finite and accepted
+    with pytest.raises(ConfigError, match="orth_reg_weight=nan"):  # used to be accepted, and to act as 0
+        AdaLoRAConfig(**OK, orth_reg_weight=math.nan)
+    with pytest.raises(ConfigError, match="lora_alpha=inf"):  # used to pass "> 0"
+        cls(**{**kw, "lora_alpha": math.inf})
 
 
 def test_valid_configs():

@@ -55,9 +55,10 @@ def _global_batches():
 
 
 def _grads_in_flat(alloc: RankAllocator) -> bool:
-    g = alloc._g
+    g = alloc.layout.grads
     lo, hi = g.data_ptr(), g.data_ptr() + g.numel() * g.element_size()
-    return all(p.grad is not None and lo <= p.grad.data_ptr() < hi for _, _, p, _, _ in alloc._fast)
+    params = [getattr(s.module, s.name) for s in alloc.layout.spans]
+    return all(p.grad is not None and lo <= p.grad.data_ptr() < hi for p in params)
 
 
 def run_scenario(name: str) -> dict:

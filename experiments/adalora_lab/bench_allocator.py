@@ -128,14 +128,13 @@ def _compare(alloc, peft_model, peft_layers) -> tuple[float, int, int]:
     ra = peft_model.base_model.rankallocator
     worst, mism, total = 0.0, 0, 0
     scale = float(alloc.ema_ipt.abs().max()) or 1.0
-    for mod, attr, off in alloc._span_src:
-        p = getattr(mod, attr)
-        ours = alloc.ema_ipt[off:off + p.numel()].view(p.shape)
-        name = next(n for n, a in alloc.adapters.items() if a is mod)
-        pname = f"{name}.{attr}.default"
+    for span in alloc.layout.spans:
+        p = getattr(span.module, span.name)
+        ours = alloc.layout.view(alloc.ema_ipt, span)
+        pname = f"{span.adapter}.{span.name}.default"
         worst = max(worst, float((ours - ra.exp_avg_ipt[pname]).abs().max()) / scale)
-        if attr == "lora_E":
-            pe = peft_layers[name].lora_E["default"]
+        if span.name == "lora_E":
+            pe = peft_layers[span.adapter].lora_E["default"]
             mism += int(((p.view(-1) != 0) != (pe.view(-1) != 0)).sum())
             total += p.numel()
     return worst, mism, total
@@ -167,7 +166,7 @@ def run_config(key: str, reps: int, warmup: int, init_r: int = 12, target_r: int
         e2.lerp_(tmp.sub_(e1).abs_(), 1 - BETA)
 
     # gradients that are not views of the flat buffer, re-attached before each "gather" step (untimed)
-    spans = [(getattr(m, k), k) for m, k, _ in alloc._span_src]
+    spans = [(getattr(s.module, s.name), s.name) for s in alloc.layout.spans]
     loose = [torch.randn(p.shape) * 1e-3 for p, _ in spans]
 
     def detach_grads():
