@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from adalora import distributed
-from adalora.allocator import RankAllocator
+from adalora import adaptive, distributed
+from adalora.adaptive import AdaptiveMethod, inject_method, make_controller
 from adalora.checkpoint import atomic_write, save_adapter
-from adalora.config import AdaLoRAConfig, ConfigError
-from adalora.inject import count_trainable, inject_adapters, trainable_state_dict
+from adalora.config import ConfigError
+from adalora.diagnostics import growth_bound, spectral_report, summarize_by_type
+from adalora.inject import count_trainable, trainable_state_dict
 from adalora.layers import AdapterLayer
-from adalora.regularizers import orthogonal_regularization
 
 from .fingerprint import inputs_diff
 from .resume import (
@@ -116,14 +116,14 @@ class Run:
     net: nn.Module  # the model, or its DDP wrapper
     adapters: dict
     mcfg: object  # the library config (LoRAConfig / AdaLoRAConfig), None for full fine-tuning
-    allocator: RankAllocator | None
+    allocator: AdaptiveMethod | None  # AdaLoRA's RankAllocator, SoRA's gates, IncreLoRA's grower; None for LoRA
     optimizer: torch.optim.Optimizer
-    trainable: list
+    trainable: list  # what the clip sees: the main optimizer's parameters and the method's own (SoRA's gates)
     total_steps: int
     steps_per_epoch: int
     warmup: int
-    gamma: float  # orthogonality weight; 0 when the adapter has no P, Q to keep orthogonal
     init_ranks: dict
+    structure: int  # the method's structure_version: when it changes, the parameter lists are rebuilt
     cfg_dict: dict
     t_start: float
 
@@ -270,16 +270,18 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
         atomic_write(run_dir.config, lambda tmp: Path(tmp).write_text(yaml.safe_dump(record, sort_keys=False)))
 
     model = work.model
+    o = cfg.optim
     mcfg = build_method_config(cfg.method, cfg.model, total_steps)
-    adapters = inject_adapters(model, mcfg) if mcfg is not None else {}
+    adapters = inject_method(model, mcfg) if mcfg is not None else {}
     if mcfg is None:
         for p in model.parameters():
             p.requires_grad_(True)
-    allocator = RankAllocator(adapters, mcfg) if isinstance(mcfg, AdaLoRAConfig) else None
-    gamma = mcfg.orth_reg_weight if isinstance(mcfg, AdaLoRAConfig) and mcfg.adapter == "svd" else 0.0
+    allocator = make_controller(adapters, mcfg, lr=o.lr) if mcfg is not None else None
     init_ranks = {n: a.r for n, a in adapters.items()}
+    if allocator is not None:
+        init_ranks = allocator.rank_pattern()  # IncreLoRA's reserves and SoRA's zero gates do not count
     state = RunState()
-    if resume is not None:  # the allocator first (it may compact), then the weights
+    if resume is not None:  # the method first (it reshapes the adapters as the saved run had them), then weights
         ckpt = resume[1]
         if allocator is not None:
             allocator.load_state_dict(ckpt["allocator"])
@@ -287,9 +289,12 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
         if missing:
             raise ConfigError(f"{resume[0]} holds tensors this model lacks ({sorted(missing)[:3]})")
         model.load_state_dict(ckpt["model"], strict=False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(trainable, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    own = {id(p) for p in adaptive.own_parameters(allocator)} if allocator is not None else set()
+    main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
+    optimizer = torch.optim.AdamW(main_params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  weight_decay=o.weight_decay)
+    if allocator is not None:
+        adaptive.attach_optimizer(allocator, optimizer)  # IncreLoRA lays out its growth groups as saved
     if resume is not None:  # restore: the optimizer over the final tensors, the RNG, the counters
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
@@ -301,10 +306,17 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
                   flush=True)
     net = distributed.wrap_ddp(model)  # after the allocator and the resume: DDP broadcasts rank 0's weights
     run = Run(cfg=cfg, dir=run_dir, main=main, work=work, model=model, net=net, adapters=adapters, mcfg=mcfg,
-              allocator=allocator, optimizer=optimizer, trainable=trainable, total_steps=total_steps,
-              steps_per_epoch=steps_per_epoch, warmup=int(round(o.warmup_ratio * total_steps)), gamma=gamma,
-              init_ranks=init_ranks, cfg_dict=cfg_dict, t_start=t_start)
+              allocator=allocator, optimizer=optimizer, trainable=_clipped(model), total_steps=total_steps,
+              steps_per_epoch=steps_per_epoch, warmup=int(round(o.warmup_ratio * total_steps)),
+              init_ranks=init_ranks, cfg_dict=cfg_dict, t_start=t_start,
+              structure=adaptive.structure_version(allocator) if allocator is not None else 0)
     return run, state, resume is not None
+
+
+def _clipped(model: nn.Module) -> list:
+    """The parameters the gradient clip covers: every trainable one (the method's own included, as SoRA's
+    authors clip the gates with the rest)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _progress_bar(run: Run, state: RunState):
@@ -324,6 +336,9 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
     lr = lr_at(t, run.total_steps, o.lr, run.warmup, o.schedule)  # 1. lr
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    alloc = run.allocator
+    if alloc is not None:
+        adaptive.set_lr(alloc, lr)  # SoRA's gates follow it; IncreLoRA's new groups warm up from it
     task_loss_sum = 0.0
     for micro in range(accum):
         batch = next(batches, None)
@@ -336,8 +351,9 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
         with distributed.grad_sync(run.net, enabled=micro == accum - 1):  # DDP all-reduces once per step
             task_loss = distributed.weight_loss(run.work.loss_fn(run.net, batch), weight)  # 2. forward
             loss = task_loss
-            if run.gamma > 0:  # 3. loss + γ·R
-                loss = loss + run.gamma * orthogonal_regularization(run.adapters, run.mcfg.orth_reg_form)
+            reg = adaptive.regularization(alloc) if alloc is not None else None
+            if reg is not None:  # 3. loss + γ·R (AdaLoRA, IncreLoRA: orthogonality; SoRA: L1 of the gates)
+                loss = loss + reg
             (loss / accum).backward()  # 4. backward
         task_loss_sum += task_loss.item()
     task_loss_sum = distributed.mean_across_ranks(task_loss_sum)  # the global loss: the same skip decision
@@ -347,6 +363,8 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
                                      "optim.max_grad_norm, or skip_nonfinite=true to skip such steps")
         state.skipped += 1
         run.optimizer.zero_grad(set_to_none=False)
+        if alloc is not None:
+            adaptive.zero_grad(alloc)
         state.step = t  # the step is spent, with no update (counted in summary.skipped_steps)
         log.log({"step": t, "split": "train", "skipped": state.skipped, "lr": lr})
         return batches
@@ -354,18 +372,25 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
         torch.nn.utils.clip_grad_norm_(run.trainable, o.max_grad_norm)
     run.optimizer.step()  # 6. optimizer step
     state.lr_sum += lr
-    alloc = run.allocator
     info = alloc.step(t) if alloc is not None else None  # 7. allocator (optimizer-step counter)
     if alloc is not None:
         distributed.sync_allocator(alloc, info)  # rank 0's masks on every rank (no-op alone)
     run.optimizer.zero_grad(set_to_none=False)  # 8. zero_grad (keeps the allocator's flat grad views)
+    if alloc is not None:
+        adaptive.zero_grad(alloc)  # the parameters the method optimizes itself
     state.step = t
-    if alloc is not None and info.masked and (info.phase != "final" or t == run.mcfg.total_steps - run.mcfg.tfinal):
+    if alloc is not None and info.masked and info.phase != "final":
         log.log_ranks(t, info.budget, alloc.rank_pattern())
-    if alloc is not None and info.phase == "final" and cfg.method.compact and not alloc.compacted:
+    elif alloc is not None and info.masked and not state.final_logged:  # the pattern the final phase keeps
+        state.final_logged = True
+        log.log_ranks(t, info.budget, alloc.rank_pattern())
+    if alloc is not None and info.phase == "final" and cfg.method.compact and not state.compacted:
         alloc.compact(run.optimizer)  # from here on FLOPs and optimizer state are the final budget's
-        run.trainable = [p for p in run.model.parameters() if p.requires_grad]
-        run.net = distributed.wrap_ddp(run.model)  # new Parameter objects: DDP is rebuilt around them
+        state.compacted = True
+    if alloc is not None and adaptive.structure_version(alloc) != run.structure:
+        run.structure = adaptive.structure_version(alloc)  # new Parameter objects (compaction, growth):
+        run.trainable = _clipped(run.model)  # the clip and DDP are rebuilt around them
+        run.net = distributed.wrap_ddp(run.model)
     # 9. eval / log / checkpoint
     train_loss = task_loss_sum / accum
     state.first_loss = train_loss if state.first_loss is None else state.first_loss
@@ -383,9 +408,23 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
     return batches
 
 
+def spectrum(run: Run, state: RunState) -> dict:
+    """The growth diagnostic, per module type: σ_max(ΔW) (every adapter), scale·max|λ| (P Λ Q adapters) and the
+    bound scale·Σlr that Adam's |Δλ| <= lr per step puts on it (λ starts at 0)."""
+    if not run.adapters:
+        return {}
+    out = {}
+    for mtype, row in summarize_by_type(spectral_report(run.adapters)).items():
+        out.update({f"{key}/{mtype}": v for key, v in row.items()})
+    scales = {float(a.scale) for a in run.adapters.values() if hasattr(a, "lora_E")}
+    if len(scales) == 1:
+        out["growth_bound"] = growth_bound(scales.pop(), state.lr_sum)
+    return out
+
+
 def evaluate(run: Run, state: RunState, log, budget: int) -> None:
     state.last_eval = run.work.evaluate(run.model)
-    log.log({"step": state.step, "split": "eval", "budget": budget, **state.last_eval})
+    log.log({"step": state.step, "split": "eval", "budget": budget, **state.last_eval, **spectrum(run, state)})
     key, m = run.work.main_metric, state.last_eval[run.work.main_metric]
     best = state.best.get(key)
     if best is None or (m > best if run.work.higher_is_better else m < best):

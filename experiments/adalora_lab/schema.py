@@ -74,31 +74,54 @@ class TaskConfig:
 class MethodConfig:
     """One schema for every method, so ``method=lora,adalora method.target_r=2,4`` sweeps compose.
 
-    target_r is the budget: LoRA's rank, AdaLoRA's final average rank (init_r = init_r_ratio x it).
+    target_r is the budget: LoRA's rank, the final average rank of AdaLoRA and IncreLoRA (AdaLoRA starts at
+    init_r = init_r_ratio x it), SoRA's optional budget cap. A method-specific field left null takes the library
+    config's default (``adalora.AdaLoRAConfig``, ``SoRAConfig``, ``IncreLoRAConfig``): the defaults have one
+    owner, and conf/method/*.yaml sets the values of an experiment.
     tinit / tfinal: a float < 1 is a fraction of the optimizer steps, otherwise a step count.
     """
 
     name: str = "adalora"
-    kind: str = "adalora"  # lora | adalora | full
+    kind: str = "adalora"  # lora | adalora | sora | increlora | full
     target_r: int = 8
-    init_r_ratio: float = 1.5
-    init_r: Optional[int] = None  # overrides init_r_ratio
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    use_rslora: bool = False
-    target_modules: Any = None  # None: the model's defaults; a list of suffixes, or one regex string
-    modules_to_save: Optional[list] = None
-    tinit: float = 0.1
-    tfinal: float = 0.4
-    delta_t: int = 10
-    beta1: float = 0.85
-    beta2: float = 0.85
-    orth_reg_weight: float = 0.1
-    orth_reg_form: str = "reference"
-    score: str = "ipt"
-    prune: bool = True
-    adapter: str = "svd"
-    compact: bool = True  # physically slice the adapters once the final phase starts
+    init_r_ratio: float = 1.5  # AdaLoRA
+    init_r: Optional[int] = None  # overrides init_r_ratio (AdaLoRA, budget-matched SoRA)
+    lora_alpha: Optional[float] = None
+    lora_dropout: Optional[float] = None
+    use_rslora: Optional[bool] = None  # LoRA
+    target_modules: Any = None  # None: the model's defaults; a list of suffixes, "all-linear", or one regex string
+    modules_to_save: Optional[list] = None  # None: the model's defaults
+    compact: bool = True  # physically slice the adapters once their ranks are final
+    # AdaLoRA (and IncreLoRA where it shares the name)
+    tinit: Optional[float] = None
+    tfinal: Optional[float] = None
+    delta_t: Optional[int] = None
+    beta1: Optional[float] = None
+    beta2: Optional[float] = None
+    orth_reg_weight: Optional[float] = None
+    orth_reg_form: Optional[str] = None
+    score: Optional[str] = None
+    prune: Optional[bool] = None
+    adapter: Optional[str] = None
+    on_bad_scores: Optional[str] = None
+    # SoRA
+    l1_weight: Optional[float] = None
+    threshold: Optional[float] = None
+    threshold_scale: Optional[str] = None
+    prox: Optional[str] = None
+    sparse_lr: Optional[float] = None
+    lambda_schedule: Optional[str] = None
+    max_lambda: Optional[float] = None
+    lambda_num: Optional[int] = None
+    lambda_stage_steps: Optional[int] = None
+    budget_matched: bool = False  # SoRA: keep at most target_r x n_modules gates from total_steps - tfinal on
+    # IncreLoRA
+    grow_from: Optional[int] = None  # the starting rank of every module (IncreLoRAConfig.init_r)
+    top_h: Optional[int] = None
+    incre_rank_num: Optional[int] = None
+    advance_learn: Optional[bool] = None
+    scale: Optional[str] = None
+    restart_warmup: Optional[int] = None
 
 
 @dataclass
@@ -325,33 +348,60 @@ def resolve_schedule_steps(value: float, total_steps: int, name: str) -> int:
     return int(value)
 
 
-def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int) -> Any:
-    """The library config for a method (None for full fine-tuning)."""
-    from adalora.config import AdaLoRAConfig, LoRAConfig
+# Method fields that the loop reads itself, or turns into a library field of another name.
+_LOOP_FIELDS = {"name", "kind", "target_r", "init_r_ratio", "init_r", "target_modules", "modules_to_save",
+                "compact", "tinit", "tfinal", "budget_matched", "grow_from"}
 
-    targets = list(m.target_modules) if m.target_modules is not None else list(model.target_modules)
-    save = list(m.modules_to_save) if m.modules_to_save is not None else list(model.modules_to_save)
-    if m.kind not in ("lora", "adalora", "full"):
-        raise ConfigError(f"method.kind={m.kind!r}: expected lora, adalora or full")
-    if m.kind == "full":
+
+def _library_class(kind: str):
+    from adalora.config import AdaLoRAConfig, IncreLoRAConfig, LoRAConfig, SoRAConfig
+
+    classes = {"lora": LoRAConfig, "adalora": AdaLoRAConfig, "sora": SoRAConfig, "increlora": IncreLoRAConfig}
+    if kind not in (*classes, "full"):
+        raise ConfigError(f"method.kind={kind!r}: expected lora, adalora, sora, increlora or full")
+    return classes.get(kind)
+
+
+def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int) -> Any:
+    """The library config for a method (None for full fine-tuning); the library validates its own fields."""
+    cls = _library_class(m.kind)
+    if cls is None:
         return None
     if not isinstance(m.target_r, int) or m.target_r < 1:
-        raise ConfigError(f"method.target_r={m.target_r}: the budget (LoRA rank / AdaLoRA final average rank) must be "
-                          "an integer >= 1. Fix: e.g. method.target_r=8")
+        raise ConfigError(f"method.target_r={m.target_r}: the budget (LoRA rank / final average rank) must be an "
+                          "integer >= 1. Fix: e.g. method.target_r=8")
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for f in dataclasses.fields(MethodConfig):
+        v = getattr(m, f.name)
+        if f.name in _LOOP_FIELDS or v is None:
+            continue
+        if f.name in names:  # a preset that sweeps several methods sets each one's fields: the others ignore them
+            kwargs[f.name] = v
+    targets = m.target_modules if m.target_modules is not None else model.target_modules
+    kwargs["target_modules"] = targets if isinstance(targets, str) else list(targets)
+    kwargs["modules_to_save"] = list(m.modules_to_save if m.modules_to_save is not None else model.modules_to_save)
     if m.kind == "lora":
-        return LoRAConfig(r=m.target_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, target_modules=targets,
-                          modules_to_save=save, use_rslora=m.use_rslora)
-    if m.kind != "adalora":
-        raise ConfigError(f"method.kind={m.kind!r}: expected lora, adalora or full")
+        return cls(r=m.target_r, **kwargs)
+    kwargs["total_steps"] = total_steps
+    if m.kind == "sora":
+        if m.budget_matched:
+            kwargs["target_r"] = m.target_r
+            kwargs["tfinal"] = resolve_schedule_steps(m.tfinal if m.tfinal is not None else 0.0, total_steps,
+                                                      "tfinal")
+        start = max(m.target_r, int(round(m.init_r_ratio * m.target_r))) if m.budget_matched else m.target_r
+        return cls(r=m.init_r or start, **kwargs)
+    if m.kind == "increlora":
+        if m.grow_from is not None:
+            kwargs["init_r"] = m.grow_from
+        if m.tinit is not None:
+            kwargs["tinit"] = resolve_schedule_steps(m.tinit, total_steps, "tinit")
+        return cls(target_r=m.target_r, **kwargs)
     init_r = m.init_r if m.init_r is not None else max(m.target_r, int(round(m.init_r_ratio * m.target_r)))
-    tinit = resolve_schedule_steps(m.tinit, total_steps, "tinit")
-    tfinal = resolve_schedule_steps(m.tfinal, total_steps, "tfinal")
-    if m.prune and tinit + tfinal >= total_steps:
+    tinit = resolve_schedule_steps(m.tinit if m.tinit is not None else 0, total_steps, "tinit")
+    tfinal = resolve_schedule_steps(m.tfinal if m.tfinal is not None else 0, total_steps, "tfinal")
+    if m.prune is not False and tinit + tfinal >= total_steps:
         raise ConfigError(f"method.tinit + method.tfinal = {tinit} + {tfinal} steps leave no budget-decreasing phase "
                           f"in {total_steps} steps. Fix: give them as fractions (e.g. tinit=0.1 tfinal=0.4) or "
                           "train longer")
-    return AdaLoRAConfig(init_r=init_r, target_r=m.target_r, lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout,
-                         target_modules=targets, modules_to_save=save, tinit=tinit, tfinal=tfinal,
-                         delta_t=m.delta_t, beta1=m.beta1, beta2=m.beta2, orth_reg_weight=m.orth_reg_weight,
-                         total_steps=total_steps, score=m.score, prune=m.prune, adapter=m.adapter,
-                         orth_reg_form=m.orth_reg_form)
+    return cls(init_r=init_r, target_r=m.target_r, tinit=tinit, tfinal=tfinal, **kwargs)
