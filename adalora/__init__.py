@@ -1,9 +1,16 @@
 """adalora: adaptive-rank low-rank adaptation (AdaLoRA) with a LoRA baseline, faithful to the paper."""
 
 from .allocator import RankAllocator, StepInfo
-from .checkpoint import load_adapter, save_adapter
+from .checkpoint import from_pretrained, load_adapter, load_config, save_adapter, save_pretrained
 from .config import AdaLoRAConfig, ConfigError, LoRAConfig
-from .inject import count_trainable, inject_adapters, trainable_state_dict
+from .inject import (
+    count_trainable,
+    inject_adapters,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_state_dict,
+    trainable_summary,
+)
 from .layers import LoRALinear, SVDLinear
 from .regularizers import orthogonal_regularization
 from .schedule import budget_schedule
@@ -20,9 +27,15 @@ __all__ = [
     "StepInfo",
     "budget_schedule",
     "count_trainable",
+    "from_pretrained",
     "inject_adapters",
     "load_adapter",
+    "load_config",
+    "merge_and_unload",
     "orthogonal_regularization",
+    "print_trainable_parameters",
     "save_adapter",
+    "save_pretrained",
     "trainable_state_dict",
+    "trainable_summary",
 ]
