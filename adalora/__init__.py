@@ -2,10 +2,17 @@
 
 from .adaptive import AdaptiveMethod, inject_method, make_controller
 from .allocator import RankAllocator, StepInfo
-from .checkpoint import load_adapter, save_adapter
+from .checkpoint import from_pretrained, load_adapter, load_config, save_adapter, save_pretrained
 from .config import AdaLoRAConfig, ConfigError, IncreLoRAConfig, LoRAConfig, SoRAConfig
 from .increlora import IncreLinear, RankGrower, inject_increlora
-from .inject import count_trainable, inject_adapters, trainable_state_dict
+from .inject import (
+    count_trainable,
+    inject_adapters,
+    merge_and_unload,
+    print_trainable_parameters,
+    trainable_state_dict,
+    trainable_summary,
+)
 from .layers import LoRALinear, SVDLinear
 from .regularizers import orthogonal_regularization
 from .schedule import budget_schedule
@@ -30,13 +37,19 @@ __all__ = [
     "StepInfo",
     "budget_schedule",
     "count_trainable",
+    "from_pretrained",
     "inject_adapters",
     "inject_increlora",
     "inject_method",
     "inject_sora",
     "load_adapter",
+    "load_config",
     "make_controller",
+    "merge_and_unload",
     "orthogonal_regularization",
+    "print_trainable_parameters",
     "save_adapter",
+    "save_pretrained",
     "trainable_state_dict",
+    "trainable_summary",
 ]

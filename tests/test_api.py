@@ -1,7 +1,15 @@
-"""The public API snippet, as written in the issue, on a tiny BERT classifier, an MLP and GPT-2."""
+"""The public API snippet, as written in the issue, on a tiny BERT classifier, an MLP and GPT-2; the PEFT-named
+calls in the order a PEFT user reaches for them."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -57,10 +65,10 @@ def test_public_api_on_bert_sequence_classification(make_bert):
 
 
 def test_public_api_on_plain_mlp(make_mlp):
-    model = make_mlp(0, n_in=16, hidden=32, n_out=4)
+    model = make_mlp(0, n_in=16, hidden=32, n_out=12)  # every module at least init_r=12 wide
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 16, generator=g)
-    y = torch.randn(32, 4, generator=g)
+    y = torch.randn(32, 12, generator=g)
     _, _, losses = _run_snippet(model, _snippet_cfg(["0", "2"]), lambda m, t: F.mse_loss(m(x), y), 2)
     assert losses[-1] < losses[0]
 
@@ -91,7 +99,57 @@ def test_lora_baseline_api(make_mlp):
     assert adalora.count_trainable(model) == 4 * (8 + 16) + 4 * (16 + 4)
 
 
+def test_peft_style_calls(make_bert, tmp_path):
+    """all-linear, the trainable-parameter line, save_pretrained / from_pretrained and merge_and_unload."""
+    model = make_bert(0)
+    cfg = AdaLoRAConfig(init_r=4, target_r=2, target_modules="all-linear", modules_to_save=["classifier"], tinit=2,
+                        tfinal=3, delta_t=1, total_steps=10)
+    adapters = inject_adapters(model, cfg)
+    assert len(adapters) == 13 and "classifier" not in adapters  # 6 linears x 2 layers + pooler, not the head
+    line = adalora.trainable_summary(model)
+    trainable, total = (int(part.split(": ")[1].replace(",", "")) for part in line.split(" || ")[:2])
+    assert trainable == adalora.count_trainable(model) and total == sum(p.numel() for p in model.parameters())
+    allocator = RankAllocator(adapters, cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (8, 12), generator=g)
+    for t in range(1, 11):
+        (model(input_ids=ids, labels=ids[:, 0] % 2).loss + cfg.orth_reg_weight
+         * orthogonal_regularization(adapters)).backward()
+        opt.step()
+        allocator.step(t)
+        opt.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    adalora.save_pretrained(model, tmp_path / "adapter", cfg, allocator, task_type="SEQ_CLS")
+    loaded = adalora.from_pretrained(make_bert(0), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-6, rtol=1e-6)
+        merged = adalora.merge_and_unload(loaded)
+        torch.testing.assert_close(merged(input_ids=ids).logits, want, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in make_bert(0).parameters())
+
+
 def test_public_names_are_exported():
     for name in adalora.__all__:
         assert hasattr(adalora, name), name
     assert adalora.__version__
+
+
+def test_wheel_builds_without_warnings_and_ships_py_typed(tmp_path):
+    """setuptools builds the wheel with every warning an error (no `project.license` table deprecation), and the
+    wheel carries adalora/py.typed (PEP 561) and the license file."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, tmp_path)
+    shutil.copytree(root / "adalora", tmp_path / "adalora", ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from setuptools import build_meta as b; print(b.build_wheel('dist'))"
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with zipfile.ZipFile(tmp_path / "dist" / out.stdout.split()[-1]) as whl:
+        names = whl.namelist()
+        meta = whl.read("adalora-0.1.0.dist-info/METADATA").decode()
+    assert "adalora/py.typed" in names and "adalora-0.1.0.dist-info/licenses/LICENSE" in names
+    assert "License-Expression: MIT" in meta

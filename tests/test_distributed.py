@@ -36,7 +36,8 @@ HONEST = [n for n, s in SCENARIOS.items() if not s.get("perturb")]
 
 def _cfg(adapter: str) -> AdaLoRAConfig:
     return AdaLoRAConfig(init_r=6, target_r=2, lora_alpha=8.0, target_modules=TARGETS, tinit=4, tfinal=10,
-                         delta_t=3, total_steps=STEPS, orth_reg_weight=0.1, adapter=adapter)
+                         delta_t=3, total_steps=STEPS, orth_reg_weight=0.1, adapter=adapter,
+                         rank_pattern={"4": 4})  # "4" is Linear(16 -> 4): a rank above 4 is refused
 
 
 def _model() -> nn.Module:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adalora import AdaLoRAConfig, RankAllocator, inject_adapters, orthogonal_regularization
+from adalora import AdaLoRAConfig, RankAllocator, inject_adapters, load_adapter, orthogonal_regularization
 from adalora.integrations import AdaLoRACallback, AdaLoRATrainer, export_to_peft, import_from_peft, peft_scale
 
 transformers = pytest.importorskip("transformers")
@@ -375,6 +375,9 @@ def test_peft_trained_checkpoint_imports_with_same_outputs(make_bert, tmp_path):
     assert torch.allclose(ours, theirs, atol=1e-6, rtol=0)
     loaded = _logits(peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "peft")), ids)
     assert torch.allclose(ours, loaded, atol=1e-6, rtol=0)
+    fresh2 = copy.deepcopy(base)
+    load_adapter(fresh2, tmp_path / "peft")  # the same reader under its main name
+    assert torch.equal(_logits(fresh2, ids), ours)
 
     export_to_peft(fresh, cfg, None, tmp_path / "again")
     a, b = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), \
@@ -416,26 +419,36 @@ def test_export_and_import_errors(make_bert, tmp_path):
     with pytest.warns(UserWarning, match="task_type='SEQ_CLS'"):
         export_to_peft(adapters, _cfg(10, modules_to_save=[]), None, tmp_path / "a")
     export_to_peft(adapters, _cfg(10, modules_to_save=[]), None, tmp_path / "b", task_type=None)
+    with pytest.raises(TypeError, match=r"adapter='lora'\) does not match the SVDLinear"):
+        export_to_peft(model, _cfg(10, adapter="lora"), None, tmp_path / "c")
 
-    lora_model = make_bert(0)
-    lora_cfg = _cfg(10, adapter="lora")
-    inject_adapters(lora_model, lora_cfg)
-    with pytest.raises(TypeError, match="SVD adapters"):
-        export_to_peft(lora_model, lora_cfg, None, tmp_path / "c")
+    lora_model = make_bert(0)  # prune-LoRA: plain B A components, written as PEFT's LORA
+    inject_adapters(lora_model, _cfg(10, adapter="lora"))
+    export_to_peft(lora_model, _cfg(10, adapter="lora"), None, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     with pytest.raises(ValueError, match="already holds adapters"):
         import_from_peft(model, tmp_path / "b")
     with pytest.raises(FileNotFoundError):
         import_from_peft(make_bert(0), tmp_path / "missing")
+    (tmp_path / "b" / "adalora_config.json").unlink()  # from here on: a folder as PEFT writes it, no checksums
     meta = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
-    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**meta, "peft_type": "LORA"}))
-    with pytest.raises(ValueError, match="AdaLoRA checkpoints only"):
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**meta, "peft_type": "IA3"}))
+    with pytest.raises(ValueError, match="only LORA and ADALORA adapters load"):
+        import_from_peft(make_bert(0), tmp_path / "b")
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps({**meta, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True"):
         import_from_peft(make_bert(0), tmp_path / "b")
     (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(meta))
     tensors = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     tensors["base_model.model.bert.nothing.lora_A"] = torch.zeros(1, 32)
     save_file(tensors, str(tmp_path / "b" / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match="do not exist"):
+    with pytest.raises(ValueError, match=r"'bert.nothing' lacks \['lora_B', 'lora_E'\]"):
+        import_from_peft(make_bert(0), tmp_path / "b")
+    tensors.update({"base_model.model.bert.nothing.lora_E": torch.zeros(1, 1),
+                    "base_model.model.bert.nothing.lora_B": torch.zeros(32, 1)})
+    save_file(tensors, str(tmp_path / "b" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"adapted modules \['bert.nothing'\] do not exist"):  # another model
         import_from_peft(make_bert(0), tmp_path / "b")
     (tmp_path / "b" / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):

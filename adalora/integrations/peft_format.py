@@ -1,28 +1,33 @@
-"""Export our AdaLoRA adapters to Hugging Face PEFT's on-disk format, and import PEFT AdaLoRA checkpoints.
+"""Hugging Face PEFT's on-disk adapter format, as conversions between our adapters and PEFT's dicts.
 
-PEFT's format (checked against PEFT 0.21.2's ``save_pretrained`` / ``PeftModel.from_pretrained``):
+Checked against PEFT 0.21.2 (``save_pretrained`` / ``PeftModel.from_pretrained``). ``adalora.checkpoint`` does the
+file I/O (``save_adapter`` / ``load_adapter``); this module only builds and reads the two objects PEFT stores:
 
-    adapter_config.json        {"peft_type": "ADALORA", "init_r": ..., "lora_alpha": ..., "target_modules": [...],
-                                "modules_to_save": [...], "rank_pattern": {"<module>.lora_E": [bool] * init_r}, ...}
-    adapter_model.safetensors  "base_model.model.<module>.lora_A" (k, in), ".lora_E" (k, 1), ".lora_B" (out, k),
-                               with k = the kept rank, and "base_model.model.<module>.<param>" for every module that
-                               PEFT wraps as a modules_to_save module (e.g. the classifier).
+    adapter_config.json        the PEFT config as a dict (``peft_type`` "ADALORA" or "LORA", ``target_modules``,
+                               ``modules_to_save``, ``rank_pattern``, ...)
+    adapter_model.safetensors  tensors named "base_model.model.<module>.<param>":
+        ADALORA  ".lora_A" (k, in), ".lora_E" (k, 1), ".lora_B" (out, k), k = the kept rank
+        LORA     ".lora_A.weight" (k, in), ".lora_B.weight" (out, k)
+        and "base_model.model.<module>.<param>" for every module PEFT wraps as a modules_to_save module.
 
-How PEFT loads it: every target module is built at ``init_r``; ``resize_modules_by_rank_pattern`` then shrinks each
-one to ``sum(mask)`` and copies the *old* ``ranknum`` back, so the loaded layer computes
-``x (A*E)ᵀ Bᵀ · lora_alpha / (init_r + 1e-5)`` whatever its kept rank (``ranknum`` is init_r, not the kept rank).
-Our layer computes ``x (A*E)ᵀ Bᵀ · scale`` with ``scale = lora_alpha / init_r``. The export folds the ratio
-``scale / (lora_alpha / (init_r + 1e-5))`` (1 + 1e-5 / init_r) into the exported singular values Λ, so the PEFT
-model gives our outputs; the import keeps PEFT's tensors bit for bit and sets our layer's ``scale`` to PEFT's
-effective ``lora_alpha / (init_r + 1e-5)`` instead. A round trip (ours -> PEFT -> ours, or PEFT -> ours -> PEFT)
-therefore reproduces the outputs to float rounding.
+Which PEFT type: ``AdaLoRAConfig(adapter="svd")`` (P Λ Q) is ADALORA; ``LoRAConfig`` and the prune-LoRA variant
+``AdaLoRAConfig(adapter="lora")`` (B A with a rank gate) are LORA, sliced to the kept (ungated) components.
 
-peft itself is never imported here: the files are written and read with safetensors and json only.
+Scale. A loaded PEFT AdaLoRA layer computes ``x (A*E)ᵀ Bᵀ · lora_alpha / (init_r + 1e-5)``:
+``resize_modules_by_rank_pattern`` builds every module at ``init_r``, shrinks it to ``sum(mask)`` and copies the old
+``ranknum`` (init_r, not the kept rank) back. Our layer computes ``x (A*E)ᵀ Bᵀ · scale`` with ``scale = lora_alpha /
+init_r``. The export multiplies Λ by ``scale / peft_scale(lora_alpha, init_r)`` (1 + 1e-5 / init_r for the default
+scale), so the PEFT model gives our outputs. A PEFT LoRA layer scales by ``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)
+with ``r`` and ``alpha`` looked up per module in ``rank_pattern`` / ``alpha_pattern``: a module whose kept rank or
+scale differs from the config's gets an entry there, so its scale is exactly ours; its tensors are ours bit for bit.
+A LoRA module of rank 0 is left out (PEFT refuses ``r=0``; it adds nothing).
+
+peft itself is never imported: everything here is dicts and tensors.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import re
 import warnings
@@ -30,23 +35,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..allocator import RankAllocator
-from ..checkpoint import atomic_write
-from ..config import AdaLoRAConfig
-from ..inject import inject_adapters
+from ..config import AdaLoRAConfig, ConfigError, LoRAConfig
+from ..inject import find_targets
 from ..layers import AdapterLayer, SVDLinear, is_conv1d
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # Modules that PEFT's task-specific PeftModel classes add to modules_to_save on their own (peft_model.py).
 # Their weights must be in the file whenever the base model has them, or from_pretrained fails with a KeyError.
 TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                         "QUESTION_ANS": ("qa_outputs",)}
-_ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A|lora_B|lora_E)(?:\.(?P<adapter>[\w-]+))?$")
+_ADALORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A|lora_B|lora_E)(?:\.(?P<adapter>[\w-]+))?$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A|lora_B)(?:\.(?P<adapter>[\w-]+))?\.weight$")
 
 
 def peft_scale(lora_alpha: float, ranknum: float, dtype: torch.dtype = torch.float32) -> float:
@@ -62,7 +65,102 @@ def peft_scale(lora_alpha: float, ranknum: float, dtype: torch.dtype = torch.flo
     return float(lora_alpha) / float(torch.tensor(float(ranknum), dtype=dtype) + 1e-5)
 
 
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool) -> float:
+    """PEFT's (and our LoRALinear's) LoRA scale: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def pattern_value(patterns: Mapping, name: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key that matches the end of the module name
+    as a regex at a ``.`` boundary (``get_pattern_key``), else ``default``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return patterns[key]
+    return default
+
+
+def peft_targets(config: Mapping, base_names: list[str]) -> list[str]:
+    """The modules PEFT adapts for ``config`` in a base model with modules ``base_names``
+    (``check_target_module_exists``: exact name or ``.``-suffix, or a full-match regex; modules_to_save excluded)."""
+    targets = config["target_modules"]
+    save = list(config.get("modules_to_save") or []) + list(TASK_MODULES_TO_SAVE.get(config.get("task_type"), ()))
+    out = []
+    for key in base_names:
+        if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in save):
+            continue
+        if isinstance(targets, str):
+            found = re.fullmatch(targets, key) is not None
+        else:
+            found = key in targets or any(key.endswith(f".{t}") for t in targets)
+        if found:
+            out.append(key)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- export
+def _adapters_and_model(model_or_adapters) -> tuple[nn.Module | None, dict[str, AdapterLayer]]:
+    if isinstance(model_or_adapters, nn.Module):
+        model = model_or_adapters
+        return model, {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    if isinstance(model_or_adapters, Mapping):
+        return None, dict(model_or_adapters)
+    raise TypeError(f"needs the model or the adapters dict, got {type(model_or_adapters).__name__}")
+
+
+def kept_indices(adapters: Mapping[str, AdapterLayer], allocator: RankAllocator | None) -> dict[str, torch.Tensor]:
+    """{module: indices of the rank components that contribute}, the ones a saved adapter holds.
+
+    SVD: the allocator's kept triplets plus any masked one whose singular value has trained back since the last
+    masking step (it still contributes; from the final phase on the pruned E stay 0); without an allocator, all.
+    Prune-LoRA: the components its gate keeps. Plain LoRA: all.
+    """
+    masks = allocator.keep_masks() if allocator is not None else {}
+    if allocator is not None and set(masks) != set(adapters):
+        raise ValueError("the allocator drives other adapters than the ones saved (module names differ)")
+    out = {}
+    for name, a in adapters.items():
+        if isinstance(a, SVDLinear):
+            keep = torch.ones(a.r, dtype=torch.bool, device=a.lora_E.device)
+            if name in masks:
+                keep = masks[name].to(keep.device) | (a.lora_E.detach().view(-1) != 0)
+        elif a.lora_mask is not None:
+            keep = a.lora_mask.detach() != 0
+        else:
+            keep = torch.ones(a.r, dtype=torch.bool, device=a.lora_A.device)
+        out[name] = keep.nonzero().view(-1).to(a.lora_A.device)
+    return out
+
+
+def _base_names(model: nn.Module, adapters: Mapping[str, AdapterLayer]) -> list[str]:
+    """Module names as PEFT sees the base model: without our wrappers' insides (``<name>.base_layer`` ...)."""
+    inside = tuple(f"{a}." for a in adapters)
+    return [n for n, _ in model.named_modules() if n and not n.startswith(inside)]
+
+
+def _target_modules(names: list[str], config: dict, base_names: list[str] | None):
+    """The exact names as a list when PEFT's suffix rule selects exactly them, else an escaped full-match regex."""
+    if base_names is None or peft_targets({**config, "target_modules": names}, base_names) == names:
+        return names
+    rx = "|".join(re.escape(n) for n in names)
+    if peft_targets({**config, "target_modules": rx}, base_names) != names:
+        raise ValueError(f"PEFT cannot target exactly {names[:3]}...: some lie inside modules_to_save "
+                         f"{config.get('modules_to_save')}; leave those out of target_modules")
+    return rx
+
+
+def _patterns(values: dict, default) -> dict:
+    """A PEFT ``rank_pattern`` / ``alpha_pattern`` under which ``pattern_value`` gives every module its value.
+
+    Plain names for the modules that differ from ``default``, unless one of those keys also matches the end of
+    another module's name (``"0"`` matches ``"1.0"``); then every module gets its own escaped key, longest first, so
+    the first key that matches a module is its own.
+    """
+    plain = {n: v for n, v in values.items() if v != default}
+    if all(pattern_value(plain, n, default) == v for n, v in values.items()):
+        return plain
+    return {re.escape(n): values[n] for n in sorted(values, key=len, reverse=True)}
+
+
 def _peft_wrapped_modules(model: nn.Module, names: list[str], adapter_names: list[str]) -> list[str]:
     """Module names that PEFT wraps in a ModulesToSaveWrapper for ``names``: its rule is a plain ``endswith``."""
     inside = tuple(f"{a}." for a in adapter_names)
@@ -74,11 +172,9 @@ def _peft_wrapped_modules(model: nn.Module, names: list[str], adapter_names: lis
     return out
 
 
-def _modules_to_save(model: nn.Module, cfg: AdaLoRAConfig, adapters: Mapping[str, AdapterLayer]) -> list[str]:
+def _modules_to_save(model: nn.Module, cfg, adapters: Mapping[str, AdapterLayer]) -> list[str]:
     """Full names of the modules that train besides the adapters: ``cfg.modules_to_save`` and the owners of any
-    other trainable parameter (as ``adapter_tensors`` saves them in our own format)."""
-    from ..inject import find_targets
-
+    other trainable parameter."""
     names: list[str] = []
     if cfg.modules_to_save:
         names += find_targets(model, list(cfg.modules_to_save), what="modules_to_save")
@@ -98,69 +194,79 @@ def _modules_to_save(model: nn.Module, cfg: AdaLoRAConfig, adapters: Mapping[str
     return list(dict.fromkeys(names))
 
 
-def export_to_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: AdaLoRAConfig,
-                   allocator: RankAllocator | None, path: str | os.PathLike,
-                   base_model_name_or_path: str | None = None, task_type: str | None = "SEQ_CLS") -> Path:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained(base, path)``
-    loads with the same outputs as our model.
+def _fold(E: torch.Tensor, ratio: float) -> torch.Tensor:
+    return E if ratio == 1.0 or not E.numel() else (E.double() * ratio).to(E.dtype)
+
+
+def unfold(E: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Undo the export's ``E * ratio`` (to within one float32 rounding: exact for all but a few values per million)."""
+    return E if ratio == 1.0 or not E.numel() else (E.double() / ratio).to(E.dtype)
+
+
+def build_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: LoRAConfig | AdaLoRAConfig,
+               allocator: RankAllocator | None = None, task_type: str | None = None,
+               base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """PEFT's ``(adapter_config dict, tensors)`` for our adapters, plus what PEFT has no field for.
 
     ``model_or_adapters``: the model that ``inject_adapters`` modified (needed for modules_to_save such as the
-    classifier), or the ``{name: adapter}`` dict it returned. ``allocator``: its keep masks select the exported
-    triplets (``None``: every triplet of every adapter is exported); mid-schedule, a masked triplet whose singular
-    value has trained back since the last masking step is exported as well, since it still contributes.
-    ``task_type`` is PEFT's (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ..., or ``None`` for a bare ``PeftModel``).
-    Returns the folder.
-
-    The singular values are scaled by ``our scale / PEFT's scale`` (see the module docstring). A module pruned to
-    rank 0 is written with empty (0, in) / (out, 0) tensors, which PEFT loads as a rank-0 layer.
+    classifier), or the ``{name: adapter}`` dict it returned. ``allocator``: its keep masks select the triplets.
+    The third item is ``{"rank_pattern": {module: kept rank}, "init_ranks": ..., "scales": {module: our scale},
+    "peft_scale": PEFT AdaLoRA's scale or None}``; ``load_adapter`` uses it to restore our layers exactly.
     """
-    path = Path(path)
-    if isinstance(model_or_adapters, nn.Module):
-        model = model_or_adapters
-        adapters = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
-    elif isinstance(model_or_adapters, Mapping):
-        model, adapters = None, dict(model_or_adapters)
-    else:
-        raise TypeError(f"export_to_peft needs the model or the adapters dict, got {type(model_or_adapters).__name__}")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise ConfigError(f"task_type={task_type!r} is not one of PEFT's task types {TASK_TYPES}. "
+                          "Fix: pass one of them, e.g. 'SEQ_CLS', or None for a bare PeftModel.")
+    if not isinstance(cfg, (LoRAConfig, AdaLoRAConfig)):
+        raise TypeError(f"needs the LoRAConfig / AdaLoRAConfig the adapters were built from, got {type(cfg).__name__}")
+    model, adapters = _adapters_and_model(model_or_adapters)
     if not adapters:
         raise ValueError("no adapters found: call inject_adapters(model, cfg) first")
-    not_svd = [n for n, a in adapters.items() if not isinstance(a, SVDLinear)]
-    if not_svd:
-        raise TypeError(f"PEFT's AdaLoRA format holds SVD adapters (P, Λ, Q); {not_svd[:3]} are "
-                        f"{type(adapters[not_svd[0]]).__name__}. Export AdaLoRAConfig(adapter='svd') models only.")
-    if not isinstance(cfg, AdaLoRAConfig):
-        raise TypeError(f"export_to_peft needs the AdaLoRAConfig the adapters were built from, "
-                        f"got {type(cfg).__name__}")
-    masks = allocator.keep_masks() if allocator is not None else {}
-    if allocator is not None and set(masks) != set(adapters):
-        raise ValueError("the allocator drives other adapters than the ones exported (module names differ)")
-    # Between two masking steps a masked singular value may have trained back (E != 0): it still contributes, so it
-    # is exported too and the PEFT model computes what ours computes. From the final phase on, the pruned E stay 0.
-    masks = {n: m.to(adapters[n].lora_E.device) | (adapters[n].lora_E.detach().view(-1) != 0) for n, m in masks.items()}
-
-    kept = {n: (masks[n].nonzero().view(-1).to(a.lora_A.device) if n in masks else None) for n, a in adapters.items()}
-    ranks = {n: (a.r if idx is None else int(idx.numel())) for (n, a), idx in zip(adapters.items(), kept.values())}
-    init_r = max([cfg.init_r, *ranks.values()])  # PEFT builds every module at init_r before resizing
-
+    svd = isinstance(cfg, AdaLoRAConfig) and cfg.adapter == "svd"
+    wrong = [n for n, a in adapters.items() if isinstance(a, SVDLinear) != svd]
+    if wrong:
+        raise TypeError(f"{type(cfg).__name__}(adapter={getattr(cfg, 'adapter', 'lora')!r}) does not match the "
+                        f"{type(adapters[wrong[0]]).__name__} adapters at {wrong[:3]}: pass the config they were "
+                        "injected with")
+    kept = kept_indices(adapters, allocator)
+    ranks = {n: int(idx.numel()) for n, idx in kept.items()}
+    base_names = _base_names(model, adapters) if model is not None else None
     tensors: dict[str, torch.Tensor] = {}
-    rank_pattern: dict[str, list[bool]] = {}
-    scale_peft = peft_scale(cfg.lora_alpha, init_r)
-    for name, a in adapters.items():
-        idx = kept[name]
-        if idx is None:
-            idx = torch.arange(a.r, device=a.lora_A.device)
-        A = a.lora_A.detach().index_select(0, idx)
-        B = a.lora_B.detach().index_select(1, idx)
-        E = a.lora_E.detach().index_select(0, idx)
-        ratio = a.scale / scale_peft
-        if E.numel() and ratio != 1.0:
-            E = (E.double() * ratio).to(E.dtype)
-        for pname, t in (("lora_A", A), ("lora_B", B), ("lora_E", E)):
-            tensors[f"{PREFIX}{name}.{pname}"] = t.contiguous().cpu()
-        if a.r == init_r and name in masks:  # keep PEFT's meaning: which of the init_r triplets survived
-            rank_pattern[f"{name}.lora_E"] = [bool(b) for b in masks[name].tolist()]
-        else:  # compacted (or built at a smaller rank): the kept triplets are the first ranks[name] slots
-            rank_pattern[f"{name}.lora_E"] = [True] * ranks[name] + [False] * (init_r - ranks[name])
+    config: dict = {"peft_type": "ADALORA" if svd else "LORA", "task_type": task_type}
+
+    if svd:
+        init_r = max([cfg.init_r, *ranks.values()])  # PEFT builds every module at init_r before resizing
+        scale_peft = peft_scale(cfg.lora_alpha, init_r)
+        rank_pattern: dict[str, list[bool]] = {}
+        for name, a in adapters.items():
+            idx = kept[name]
+            tensors[f"{PREFIX}{name}.lora_A"] = a.lora_A.detach().index_select(0, idx)
+            tensors[f"{PREFIX}{name}.lora_E"] = _fold(a.lora_E.detach().index_select(0, idx), a.scale / scale_peft)
+            tensors[f"{PREFIX}{name}.lora_B"] = a.lora_B.detach().index_select(1, idx)
+            if a.r == init_r and allocator is not None:  # keep PEFT's meaning: which of the init_r triplets survived
+                keep = torch.zeros(init_r, dtype=torch.bool)
+                keep[idx.cpu()] = True
+                rank_pattern[f"{name}.lora_E"] = keep.tolist()
+            else:  # compacted (or built at a smaller rank): the kept triplets are the first ranks[name] slots
+                rank_pattern[f"{name}.lora_E"] = [True] * ranks[name] + [False] * (init_r - ranks[name])
+        total = cfg.total_steps if cfg.total_steps is not None else 1
+        total = max(total, cfg.tinit + cfg.tfinal + 1)  # PEFT's config refuses an empty budget-decreasing phase
+        targets = list(adapters)
+        config.update(init_r=init_r, target_r=cfg.target_r, rank_pattern=rank_pattern, tinit=cfg.tinit,
+                      tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
+                      orth_reg_weight=cfg.orth_reg_weight, total_step=total)
+    else:
+        r, rslora = cfg.init_r, bool(getattr(cfg, "use_rslora", False))
+        targets = [n for n in adapters if ranks[n]]
+        alphas = {}
+        for name in targets:
+            a, idx, k = adapters[name], kept[name], ranks[name]
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a._down().detach().index_select(0, idx)  # the gate folded in
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = a.lora_B.detach().index_select(1, idx)
+            same = a.scale == lora_scaling(cfg.lora_alpha, k, rslora)
+            alphas[name] = cfg.lora_alpha if same else a.scale * (math.sqrt(k) if rslora else k)
+        config.update(r=r, rank_pattern=_patterns({n: ranks[n] for n in targets}, r),
+                      alpha_pattern=_patterns(alphas, cfg.lora_alpha), use_rslora=rslora, use_dora=False,
+                      lora_bias=False)
 
     to_save: list[str] = []
     if model is not None:
@@ -169,159 +275,144 @@ def export_to_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cf
                                         list(adapters))
         for mod in wrapped:
             for k, v in model.get_submodule(mod).state_dict().items():
-                tensors[f"{PREFIX}{mod}.{k}"] = v.detach().contiguous().clone().cpu()
+                tensors[f"{PREFIX}{mod}.{k}"] = v.detach()
     elif cfg.modules_to_save:
-        raise ValueError(f"cfg.modules_to_save={cfg.modules_to_save} needs the model: pass the model to "
-                         "export_to_peft instead of the adapters dict, so those weights are exported too")
+        raise ValueError(f"cfg.modules_to_save={cfg.modules_to_save} needs the model: pass the model instead of "
+                         "the adapters dict, so those weights are saved too")
     elif task_type in TASK_MODULES_TO_SAVE:
-        warnings.warn(f"export_to_peft got the adapters only: PEFT's task_type={task_type!r} wraps the modules "
+        warnings.warn(f"saving the adapters only: PEFT's task_type={task_type!r} wraps the modules "
                       f"{TASK_MODULES_TO_SAVE[task_type]} and fails to load if the base model has them and the file "
-                      "lacks their weights. Pass the model, or task_type=None.", stacklevel=2)
+                      "lacks their weights. Pass the model, or task_type=None.", stacklevel=3)
 
-    total = cfg.total_steps if cfg.total_steps is not None else 1
-    total = max(total, cfg.tinit + cfg.tfinal + 1)  # PEFT's config refuses an empty budget-decreasing phase
     if base_model_name_or_path is None and model is not None:
         base_model_name_or_path = getattr(model, "name_or_path", None) or None
-    config = {
-        "peft_type": "ADALORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
-        "inference_mode": True,
-        "init_r": init_r,
-        "target_r": cfg.target_r,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
-        "target_modules": list(adapters),  # exact names: PEFT matches them as ours did
-        "modules_to_save": to_save or None,
-        "rank_pattern": rank_pattern,
-        "tinit": cfg.tinit,
-        "tfinal": cfg.tfinal,
-        "deltaT": cfg.delta_t,
-        "beta1": cfg.beta1,
-        "beta2": cfg.beta2,
-        "orth_reg_weight": cfg.orth_reg_weight,
-        "total_step": total,
-        "bias": "none",
-        "fan_in_fan_out": any(is_conv1d(a.base_layer) for a in adapters.values()),
-        "init_lora_weights": True,
-    }
-    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
-    return path
+    config.update(
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        modules_to_save=to_save or None,
+        bias="none",
+        fan_in_fan_out=any(is_conv1d(a.base_layer) for a in adapters.values()),
+        init_lora_weights=True,
+    )
+    config["target_modules"] = _target_modules(targets, config, base_names)
+    tensors = {k: v.contiguous().clone().cpu() for k, v in tensors.items()}
+    ours = {"rank_pattern": ranks, "init_ranks": {n: a.init_r for n, a in adapters.items()},
+            "scales": {n: a.scale for n, a in adapters.items()}, "peft_scale": scale_peft if svd else None}
+    return config, tensors, ours
 
 
 # ---------------------------------------------------------------------------------------------------- import
-def _read_peft(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    cfg_path = path / CONFIG_NAME
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: point to a folder written by PEFT's save_pretrained()")
-    config = json.loads(cfg_path.read_text())
-    if str(config.get("peft_type", "")).upper() != "ADALORA":
-        raise ValueError(f"{cfg_path}: peft_type={config.get('peft_type')!r}; import_from_peft reads AdaLoRA "
-                         "checkpoints only")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{cfg_path}: bias={config['bias']!r} trains the base biases; only bias='none' is supported")
-    w_path = path / WEIGHTS_NAME
-    if not w_path.exists():
-        extra = " (found adapter_model.bin: re-save it with safe_serialization=True)" \
-            if (path / "adapter_model.bin").exists() else ""
-        raise FileNotFoundError(f"{w_path} not found{extra}")
-    return config, load_file(str(w_path))
+def parse_peft(config: Mapping, tensors: Mapping[str, torch.Tensor], where: str | os.PathLike) -> dict:
+    """Read PEFT's config and tensors (a LORA or ADALORA adapter) into per-module pieces.
 
-
-def import_from_peft(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, SVDLinear], AdaLoRAConfig]:
-    """Load a PEFT AdaLoRA checkpoint (``save_pretrained`` folder) into a fresh base ``model``.
-
-    Injects our ``SVDLinear`` at each saved module with the saved (kept) rank, copies P, Λ, Q unchanged and sets
-    each layer's ``scale`` to the one PEFT applies, ``lora_alpha / (init_r + 1e-5)``; the modules_to_save weights
-    (e.g. the classifier) are copied and left trainable. Returns ``(adapters, cfg)``: the config holds PEFT's
-    hyperparameters, the injected module names and their ranks (``rank_pattern``), and ``prune=False`` since the
-    ranks are already allocated (``dataclasses.replace(cfg, prune=True, total_steps=...)`` to prune further).
+    Returns ``{"svd": bool, "modules": {module: {"lora_A", "lora_B" [, "lora_E"], "scale", "init_r"}},
+    "others": {full parameter name: tensor}, "cfg": the LoRAConfig / AdaLoRAConfig that rebuilds these layers}``:
+    each module's tensors at its saved rank and the scale PEFT applies to it. The config holds PEFT's
+    hyperparameters, the adapted module names, their ranks as ``rank_pattern`` and (AdaLoRA) ``prune=False``,
+    since the ranks are already allocated. ``where`` names the folder in error messages.
     """
-    path = Path(path)
-    config, tensors = _read_peft(path)
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        raise ValueError("this model already holds adapters; import into a fresh base model")
-
-    lora: dict[str, dict[str, torch.Tensor]] = {}
+    where = Path(where)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in ("ADALORA", "LORA"):
+        raise ValueError(f"{where}: peft_type={config.get('peft_type')!r}; only LORA and ADALORA adapters load")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias={config['bias']!r} trains the base biases; only bias='none' is supported")
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            raise ValueError(f"{where}: {flag}=True is not a plain LoRA adapter; only use_dora=False, "
+                             "lora_bias=False adapters load")
+    svd = peft_type == "ADALORA"
+    pieces: dict[str, dict[str, torch.Tensor]] = {}
     ranknums: dict[str, float] = {}
     others: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
-            raise ValueError(f"{path / WEIGHTS_NAME}: key {key!r} lacks PEFT's {PREFIX!r} prefix")
+            raise ValueError(f"{where}: tensor {key!r} lacks PEFT's {PREFIX!r} prefix")
         key = key[len(PREFIX):]
-        if key.endswith(".ranknum") or ".ranknum." in key:  # written by old PEFT versions
+        if svd and (key.endswith(".ranknum") or ".ranknum." in key):  # written by old PEFT versions
             ranknums[key.split(".ranknum")[0]] = float(t.reshape(-1)[0])
             continue
-        m = _ADAPTER_KEY.match(key)
+        m = (_ADALORA_KEY if svd else _LORA_KEY).match(key)
         if m:
-            lora.setdefault(m["module"], {})[m["param"]] = t
+            pieces.setdefault(m["module"], {})[m["param"]] = t
         elif "lora_" in key:
-            raise ValueError(f"{path / WEIGHTS_NAME}: {key!r} is not an AdaLoRA linear adapter tensor "
-                             "(embedding / conv adapters are not supported)")
+            raise ValueError(f"{where}: {key!r} is not a {peft_type} linear adapter tensor "
+                             "(embedding, conv and bias adapters are not supported)")
         else:
             others[key] = t
-    if not lora:
-        raise ValueError(f"{path / WEIGHTS_NAME} holds no AdaLoRA tensors")
+    if not pieces:
+        raise ValueError(f"{where}: the weights hold no {peft_type} adapter tensors")
 
-    init_r = int(config.get("init_r", 12))
     alpha = float(config.get("lora_alpha", 8))
-    patterns = {k.removesuffix(".default"): v for k, v in (config.get("rank_pattern") or {}).items()}
-    module_order = [n for n, _ in model.named_modules()]
-    missing = sorted(set(lora) - set(module_order))
-    if missing:
-        raise ValueError(f"{path}: adapted modules {missing[:3]} do not exist in {type(model).__name__}; "
-                         "import into the same base model architecture")
-    names = [n for n in module_order if n in lora]
-    ranks: dict[str, int] = {}
-    for n in names:
-        parts = lora[n]
-        if set(parts) != {"lora_A", "lora_B", "lora_E"}:
-            raise ValueError(f"{path}: module {n!r} lacks {sorted({'lora_A', 'lora_B', 'lora_E'} - set(parts))}")
-        mask = patterns.get(f"{n}.lora_E")
+    modules: dict[str, dict] = {}
+    if svd:
+        init_r = int(config.get("init_r", 12))
+        patterns = {k.removesuffix(".default"): v for k, v in (config.get("rank_pattern") or {}).items()}
+        for n, parts in pieces.items():
+            if set(parts) != {"lora_A", "lora_B", "lora_E"}:
+                raise ValueError(f"{where}: module {n!r} lacks {sorted({'lora_A', 'lora_B', 'lora_E'} - set(parts))}")
+            mask, k = patterns.get(f"{n}.lora_E"), parts["lora_A"].shape[0]
+            if mask is not None and k == len(mask) != sum(mask):  # full-size tensors with a pattern: slice like PEFT
+                idx = torch.tensor([i for i, b in enumerate(mask) if b], dtype=torch.long)
+                parts = {"lora_A": parts["lora_A"][idx], "lora_E": parts["lora_E"][idx],
+                         "lora_B": parts["lora_B"][:, idx]}
+            elif mask is not None and k != sum(mask):
+                raise ValueError(f"{where}: {n}.lora_A has {k} rows but rank_pattern keeps {sum(mask)}")
+            modules[n] = {**parts, "scale": peft_scale(alpha, ranknums.get(n, init_r)), "init_r": init_r}
+    else:
+        r, rslora = int(config.get("r", 8)), bool(config.get("use_rslora", False))
+        for n, parts in pieces.items():
+            if set(parts) != {"lora_A", "lora_B"}:
+                raise ValueError(f"{where}: module {n!r} lacks {sorted({'lora_A', 'lora_B'} - set(parts))}")
+            r_n = int(pattern_value(config.get("rank_pattern") or {}, n, r))
+            if parts["lora_A"].shape[0] != r_n:
+                raise ValueError(f"{where}: {n}.lora_A has {parts['lora_A'].shape[0]} rows but the config gives "
+                                 f"rank {r_n}: the weights do not match adapter_config.json")
+            a_n = float(pattern_value(config.get("alpha_pattern") or {}, n, alpha))
+            modules[n] = {**parts, "scale": lora_scaling(a_n, r_n, rslora), "init_r": r_n}
+    for n, parts in modules.items():
         k = parts["lora_A"].shape[0]
-        if mask is not None and k == len(mask) != sum(mask):  # full-size tensors with a pattern: slice like PEFT
-            idx = torch.tensor([i for i, b in enumerate(mask) if b], dtype=torch.long)
-            parts["lora_A"], parts["lora_E"] = parts["lora_A"][idx], parts["lora_E"][idx]
-            parts["lora_B"] = parts["lora_B"][:, idx]
-            k = int(idx.numel())
-        elif mask is not None and k != sum(mask):
-            raise ValueError(f"{path}: {n}.lora_A has {k} rows but rank_pattern keeps {sum(mask)}")
-        if parts["lora_E"].shape != (k, 1) or parts["lora_B"].shape[1] != k:
-            raise ValueError(f"{path}: {n}: inconsistent shapes A {tuple(parts['lora_A'].shape)}, "
-                             f"E {tuple(parts['lora_E'].shape)}, B {tuple(parts['lora_B'].shape)}")
-        ranks[n] = k
+        if parts["lora_B"].shape[1] != k or ("lora_E" in parts and parts["lora_E"].shape != (k, 1)):
+            raise ValueError(f"{where}: {n}: inconsistent shapes " + ", ".join(
+                f"{p} {tuple(parts[p].shape)}" for p in ("lora_A", "lora_E", "lora_B") if p in parts))
 
-    # modules_to_save: the owners of the non-adapter tensors, by exact name
-    state_keys = set(model.state_dict())
-    unknown = sorted(set(others) - state_keys)
-    if unknown:
-        raise ValueError(f"{path}: tensors {unknown[:3]} have no place in {type(model).__name__}")
+    ranks = {n: int(p["lora_A"].shape[0]) for n, p in modules.items()}
     owners = list(dict.fromkeys(k.rpartition(".")[0] for k in others))
+    common = dict(lora_alpha=alpha, lora_dropout=float(config.get("lora_dropout", 0.0)),
+                  target_modules=list(modules), modules_to_save=[o for o in owners if o], rank_pattern=ranks)
+    if svd:
+        total = config.get("total_step")
+        cfg = AdaLoRAConfig(
+            init_r=max([init_r, *ranks.values()]), target_r=max(1, min(int(config.get("target_r", 8)), init_r)),
+            tinit=int(config.get("tinit", 0)), tfinal=int(config.get("tfinal", 0)),
+            delta_t=int(config.get("deltaT", 1)), beta1=float(config.get("beta1", 0.85)),
+            beta2=float(config.get("beta2", 0.85)), orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+            total_steps=int(total) if total else None, prune=False, **common)
+    else:
+        cfg = LoRAConfig(r=r, use_rslora=rslora, **common)
+    return {"svd": svd, "modules": modules, "others": others, "cfg": cfg}
 
-    total = config.get("total_step")
-    target_r = max(1, min(int(config.get("target_r", 8)), init_r))
-    cfg = AdaLoRAConfig(
-        init_r=max([init_r, *ranks.values()]), target_r=target_r, lora_alpha=alpha,
-        lora_dropout=float(config.get("lora_dropout", 0.0)), target_modules=names, modules_to_save=owners,
-        tinit=int(config.get("tinit", 0)), tfinal=int(config.get("tfinal", 0)), delta_t=int(config.get("deltaT", 1)),
-        beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
-        orth_reg_weight=float(config.get("orth_reg_weight", 0.5)), total_steps=int(total) if total else None,
-        prune=False, rank_pattern=ranks,
-    )
-    adapters = inject_adapters(model, cfg)
-    with torch.no_grad():
-        for n, a in adapters.items():
-            a.init_r = init_r
-            a.scale = peft_scale(alpha, ranknums.get(n, init_r))
-            for pname in ("lora_A", "lora_B", "lora_E"):
-                getattr(a, pname).copy_(lora[n][pname])
-        if others:
-            params = dict(model.named_parameters())
-            buffers = dict(model.named_buffers())
-            for k, t in others.items():
-                target = params.get(k, buffers.get(k))
-                if target is None or target.shape != t.shape:
-                    raise ValueError(f"{path}: {k}: saved shape {tuple(t.shape)} does not fit the model")
-                target.copy_(t)
-    return adapters, cfg
+
+# ---------------------------------------------------------------------------------------------------- files
+def export_to_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: LoRAConfig | AdaLoRAConfig,
+                   allocator: RankAllocator | None, path: str | os.PathLike,
+                   base_model_name_or_path: str | None = None, task_type: str | None = "SEQ_CLS") -> Path:
+    """``save_adapter(path, model_or_adapters, cfg, allocator, task_type=..., base_model_name_or_path=...)`` under
+    its earlier name and argument order (task_type defaults to ``"SEQ_CLS"`` here). Returns the folder."""
+    from ..checkpoint import save_adapter  # adalora.checkpoint imports this module
+
+    return save_adapter(path, model_or_adapters, cfg, allocator, task_type=task_type,
+                        base_model_name_or_path=base_model_name_or_path)
+
+
+def import_from_peft(model: nn.Module, path: str | os.PathLike) -> tuple[dict[str, AdapterLayer],
+                                                                          LoRAConfig | AdaLoRAConfig]:
+    """``load_adapter(model, path)`` that also returns the config it injected with: ``(adapters, cfg)``, with the
+    adapted module names, their saved ranks as ``rank_pattern`` and, for AdaLoRA, ``prune=False`` (use
+    ``dataclasses.replace(cfg, prune=True, total_steps=...)`` to prune further)."""
+    from ..checkpoint import _load  # adalora.checkpoint imports this module
+
+    return _load(model, path)
