@@ -21,7 +21,7 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
     from .data import GLUE_TASKS, examples_hash, load_task, make_loader, task_file, tokenize, tokenizer_fingerprint
     from .fingerprint import file_sha256
     from .metrics import MAIN_METRIC, compute_metrics
-    from .models import build_classifier, load_tokenizer, model_source
+    from .models import build_classifier, load_tokenizer, model_path, model_source
 
     task = cfg.task.name
     if task not in GLUE_TASKS:
@@ -82,4 +82,4 @@ def glue_workload(cfg: RunConfig, device: torch.device) -> Workload:
         return res
 
     return Workload(model, len(train_loader), epoch_batches, loss_fn, evaluate, MAIN_METRIC[task], True,
-                    inputs=inputs, task_type="SEQ_CLS")
+                    inputs=inputs, task_type="SEQ_CLS", base_model=model_path(cfg.model))

@@ -273,6 +273,8 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
     o = cfg.optim
     mcfg = build_method_config(cfg.method, cfg.model, total_steps)
     adapters = inject_method(model, mcfg) if mcfg is not None else {}
+    if adapters:  # the settings that depend on the number of adapted matrices (IncreLoRA's grow_until)
+        mcfg = build_method_config(cfg.method, cfg.model, total_steps, n_modules=len(adapters))
     if mcfg is None:
         for p in model.parameters():
             p.requires_grad_(True)
@@ -483,7 +485,8 @@ def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
             log.log_ranks(run.total_steps, sum(ranks.values()), ranks, final=True)
         write_json(run.dir.rank_pattern, ranks)
         if run.mcfg is not None:
-            save_adapter(run.dir.adapter, run.model, run.mcfg, alloc)
+            save_adapter(run.dir.adapter, run.model, run.mcfg, alloc, task_type=run.work.task_type,
+                         base_model_name_or_path=run.work.base_model)
         else:
             atomic_write(run.dir.model, lambda tmp: torch.save(
                 {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, tmp))

@@ -32,6 +32,13 @@ def _load(fn, name: str, field_name: str, **kwargs):
         raise
 
 
+def model_path(cfg: ModelConfig) -> str | None:
+    """The folder or Hub name a pretrained backbone loads from (None for random models)."""
+    if cfg.kind == "minilm":
+        return minilm_path()
+    return cfg.path if cfg.kind == "hub" else None
+
+
 def model_source(cfg: ModelConfig) -> dict:
     """What identifies the backbone's weights: the packaged or local folder's files by content; a Hub name as
     given; for random models nothing beyond the config (their weights follow from the seed)."""

@@ -117,6 +117,9 @@ class MethodConfig:
     budget_matched: bool = False  # SoRA: keep at most target_r x n_modules gates from total_steps - tfinal on
     # IncreLoRA
     grow_from: Optional[int] = None  # the starting rank of every module (IncreLoRAConfig.init_r)
+    # the share of training by which growth is over: sets delta_t from the rounds the budget needs (ours; the
+    # authors give delta_t in steps). Ignored when delta_t is set.
+    grow_until: Optional[float] = None
     top_h: Optional[int] = None
     incre_rank_num: Optional[int] = None
     advance_learn: Optional[bool] = None
@@ -350,7 +353,7 @@ def resolve_schedule_steps(value: float, total_steps: int, name: str) -> int:
 
 # Method fields that the loop reads itself, or turns into a library field of another name.
 _LOOP_FIELDS = {"name", "kind", "target_r", "init_r_ratio", "init_r", "target_modules", "modules_to_save",
-                "compact", "tinit", "tfinal", "budget_matched", "grow_from"}
+                "compact", "tinit", "tfinal", "budget_matched", "grow_from", "grow_until"}
 
 
 def _library_class(kind: str):
@@ -362,8 +365,10 @@ def _library_class(kind: str):
     return classes.get(kind)
 
 
-def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int) -> Any:
-    """The library config for a method (None for full fine-tuning); the library validates its own fields."""
+def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int, n_modules: int | None = None) -> Any:
+    """The library config for a method (None for full fine-tuning); the library validates its own fields.
+
+    ``n_modules``: the number of adapted matrices, once known (IncreLoRA's ``grow_until`` needs it)."""
     cls = _library_class(m.kind)
     if cls is None:
         return None
@@ -396,6 +401,14 @@ def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int) -
             kwargs["init_r"] = m.grow_from
         if m.tinit is not None:
             kwargs["tinit"] = resolve_schedule_steps(m.tinit, total_steps, "tinit")
+        if m.delta_t is None and m.grow_until is not None and n_modules:
+            from adalora.increlora import rounds_needed
+
+            probe = cls(target_r=m.target_r, **kwargs)
+            rounds = rounds_needed(probe.init_r * n_modules, m.target_r * n_modules, n_modules, probe.top_h,
+                                   probe.rank_step)
+            end = resolve_schedule_steps(m.grow_until, total_steps, "grow_until")
+            kwargs["delta_t"] = max(1, (end - probe.tinit) // max(1, rounds))
         return cls(target_r=m.target_r, **kwargs)
     init_r = m.init_r if m.init_r is not None else max(m.target_r, int(round(m.init_r_ratio * m.target_r)))
     tinit = resolve_schedule_steps(m.tinit if m.tinit is not None else 0, total_steps, "tinit")

@@ -34,6 +34,7 @@ class Workload:
     # run must have read the same, whatever the config says
     inputs: dict = field(default_factory=dict)
     task_type: str | None = None  # PEFT task type of the exported adapter: SEQ_CLS, CAUSAL_LM or None
+    base_model: str | None = None  # the base model's Hub name or folder, recorded in the adapter's config
 
 
 def to_device(batch, device: torch.device):
