@@ -298,33 +298,32 @@ def edge_glue(tmp_path: Path) -> Path:
 
 
 def test_edge_case_files_parse(edge_glue: Path):
-    glue_dir = edge_glue
-    cola = load_task("cola", glue_dir, "dev")
+    cola = load_task("cola", edge_glue, "dev")
     assert [ex.label for ex in cola] == [1, 0, 1]
     assert cola[2] == Example('"Bill," he said, "is here."', None, 1)
 
-    stsb = load_task("stsb", glue_dir, "dev")
+    stsb = load_task("stsb", edge_glue, "dev")
     assert [ex.label for ex in stsb] == [5.0, 4.75, 0.0]
     assert all(isinstance(ex.label, float) for ex in stsb)
     assert stsb[0].text_a == "A man with a hard hat is dancing."
     assert stsb[0].text_b == "A man wearing a hard hat is dancing."
     assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
 
-    qnli = load_task("qnli", glue_dir, "train")
+    qnli = load_task("qnli", edge_glue, "train")
     assert [ex.label for ex in qnli] == [1, 0]
     assert qnli[0].text_a == "When did the third Digimon series begin?"
 
-    mnli = load_task("mnli", glue_dir, "train")
+    mnli = load_task("mnli", edge_glue, "train")
     assert [ex.label for ex in mnli] == [1, 0, 2]  # HF order: entailment, neutral, contradiction
     assert mnli[0].text_a == "The cat sat." and mnli[0].text_b == "It sat."
-    assert [ex.label for ex in load_task("mnli", glue_dir, "validation_matched")] == [1]
-    assert [ex.label for ex in load_task("mnli", glue_dir, "dev_mismatched")] == [2]
+    assert [ex.label for ex in load_task("mnli", edge_glue, "validation_matched")] == [1]
+    assert [ex.label for ex in load_task("mnli", edge_glue, "dev_mismatched")] == [2]
 
-    qqp = load_task("QQP", glue_dir, "dev")
+    qqp = load_task("QQP", edge_glue, "dev")
     assert [ex.label for ex in qqp] == [0, 1]
     assert qqp[1].text_b == "How can I pursue a PhD in Computer Science?"  # no trailing "\r"
 
-    mrpc = load_task("mrpc", glue_dir, "dev")
+    mrpc = load_task("mrpc", edge_glue, "dev")
     assert mrpc == [Example("He said it .", '" It said so .', 1)]
 
 
