@@ -21,8 +21,9 @@ setup: $(VENV)/.installed
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The slow tests and those on the real GLUE files in ../shared/data/glue (they skip where it is missing).
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
+	$(BIN)/python -m pytest -q -m "slow or shared_data"; rc=$$?; [ $$rc -eq 0 ] || [ $$rc -eq 5 ]
 
 lint: setup
 	$(BIN)/ruff check adalora experiments tests

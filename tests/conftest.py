@@ -1,6 +1,11 @@
-"""Shared fixtures: tiny random transformers models (built from configs, never downloaded) and MLPs."""
+"""Shared fixtures: tiny random transformers models (built from configs, never downloaded), MLPs, GLUE data.
+
+Helpers that tests import live in helpers.py and fake_runs.py; this file holds fixtures only.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,7 +105,7 @@ def gpt2_batch():
     return {"input_ids": ids, "labels": ids}
 
 
-def mlp_batches(n: int, n_in: int = 8, n_out: int = 4, batch: int = 16, seed: int = 3):
+def _mlp_batches(n: int, n_in: int = 8, n_out: int = 4, batch: int = 16, seed: int = 3):
     """A fixed list of (x, y) regression batches; the same seed gives the same data."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, n_in, generator=g), torch.randn(batch, n_out, generator=g)) for _ in range(n)]
@@ -109,4 +114,26 @@ def mlp_batches(n: int, n_in: int = 8, n_out: int = 4, batch: int = 16, seed: in
 @pytest.fixture
 def batches():
     """``batches(n, n_in=8, n_out=4)``: deterministic regression data for the MLPs."""
-    return mlp_batches
+    return _mlp_batches
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory) -> Path:
+    """A small GLUE-format folder for all 8 tasks (``helpers.make_glue_dir``), built once per session.
+
+    Pass it as ``task.data_dir=<glue_dir>`` or ``paths.glue_dir=<glue_dir>`` (or ADALORA_GLUE_DIR through
+    ``monkeypatch``); nothing global is set here. Tests must not write into it.
+    """
+    from helpers import make_glue_dir  # not at the top: helpers imports Hydra, which the library tests do not need
+
+    return make_glue_dir(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def shared_glue() -> Path:
+    """The real GLUE files (../shared/data/glue beside the checkout), for tests marked ``shared_data``."""
+    from helpers import SHARED_GLUE
+
+    if not (SHARED_GLUE / "RTE" / "dev.tsv").is_file():
+        pytest.skip(f"the shared GLUE files are not at {SHARED_GLUE}")
+    return SHARED_GLUE

@@ -1,9 +1,9 @@
-"""GLUE data pipeline: TSV parsing (real shared files + fixtures), errors, tokenization cache, batching."""
+"""GLUE data pipeline: TSV parsing (fixture folders; the real files under -m shared_data), errors, tokenization
+cache, batching."""
 
 from __future__ import annotations
 
 import collections
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +23,14 @@ from adalora_lab.data import (
     read_glue_tsv,
     tokenize,
 )
-
-SHARED_GLUE = Path(__file__).parents[1].parent / "shared/data/glue"
-needs_shared = pytest.mark.skipif(
-    not (SHARED_GLUE / "RTE" / "dev.tsv").is_file(),
-    reason=f"shared GLUE data not found at {SHARED_GLUE} (expected ../shared/data/glue beside the repo)",
-)
-
+from helpers import FILES, FOLDERS, LABELS, STD_FILES
 
 # ------------------------------------------------------------------------------------------------
-# Real files (counts and label balance from /work/shared/data/glue/README.md)
+# The real files in ../shared/data/glue (counts and label balance from its README.md)
 # ------------------------------------------------------------------------------------------------
 
 
-@needs_shared
+@pytest.mark.shared_data
 @pytest.mark.parametrize(
     ("task", "split", "n", "counts"),
     [
@@ -48,8 +42,8 @@ needs_shared = pytest.mark.skipif(
         ("sst2", "train", 67349, {0: 29780, 1: 37569}),
     ],
 )
-def test_real_glue_counts_and_label_balance(task, split, n, counts):
-    examples = load_task(task, SHARED_GLUE, split)
+def test_real_glue_counts_and_label_balance(task, split, n, counts, shared_glue):
+    examples = load_task(task, shared_glue, split)
     assert len(examples) == n
     assert dict(collections.Counter(ex.label for ex in examples)) == counts
     pair = task != "sst2"
@@ -57,22 +51,72 @@ def test_real_glue_counts_and_label_balance(task, split, n, counts):
     assert all(isinstance(ex.label, int) and ex.text_a for ex in examples)
 
 
-@needs_shared
-def test_real_files_keep_bare_quotes_and_text_verbatim():
-    mrpc = load_task("mrpc", SHARED_GLUE, "validation")
+@pytest.mark.shared_data
+def test_real_files_keep_bare_quotes_and_text_verbatim(shared_glue):
+    mrpc = load_task("mrpc", shared_glue, "validation")
     first = mrpc[0]
     assert first.label == 1
     assert first.text_a.startswith("He said the foodservice pie business")
     assert first.text_b == '" The foodservice pie business does not fit our long-term growth strategy .'
-    sst = load_task("SST-2", SHARED_GLUE / "SST-2", "dev")  # task folder itself also accepted
+    sst = load_task("SST-2", shared_glue / "SST-2", "dev")  # task folder itself also accepted
     assert sst[0] == Example("it 's a charming and often affecting journey . ", None, 1)
-    rte = load_task("rte", SHARED_GLUE, "dev", max_examples=5)
-    assert len(rte) == 5 and rte == load_task("rte", SHARED_GLUE, "dev")[:5]
+    rte = load_task("rte", shared_glue, "dev", max_examples=5)
+    assert len(rte) == 5 and rte == load_task("rte", shared_glue, "dev")[:5]
     assert rte[0].label == GLUE_TASKS["rte"].label_values.index("not_entailment") == 1
 
 
 # ------------------------------------------------------------------------------------------------
-# Fixtures for the tasks not in the shared folder
+# The fixture folder (helpers.make_glue_dir): every task in the GLUE download's layout
+# ------------------------------------------------------------------------------------------------
+
+
+def raw_rows(path: Path) -> list[list[str]]:
+    """The lines of a TSV (the header too) split on tabs only: no quoting, no stripping."""
+    return [line.split("\t") for line in path.read_bytes().decode("utf-8").split("\n")[:-1]]
+
+
+def test_glue_dir_every_task_and_split(glue_dir: Path):
+    """All 8 tasks, every split the registry knows, every row, each label equally often."""
+    assert set(FOLDERS) == set(GLUE_TASKS)
+    for task, spec in GLUE_TASKS.items():
+        files = FILES.get(task, STD_FILES)
+        assert spec.folder == FOLDERS[task] and dict(spec.files) == files
+        for split, name in files.items():
+            examples = load_task(task, glue_dir, split)
+            n_rows = len(raw_rows(glue_dir / FOLDERS[task] / name)) - (task != "cola")  # CoLA: no header
+            assert len(examples) == n_rows == (48 if split == "train" else 24), (task, split)
+            assert all(ex.text_a and (ex.text_b is not None) == (task not in ("sst2", "cola")) for ex in examples)
+            if task == "stsb":
+                assert all(0.0 <= ex.label <= 5.0 for ex in examples)
+                continue
+            counts = collections.Counter(ex.label for ex in examples)
+            assert sorted(counts) == list(range(len(LABELS[task]))) and len(set(counts.values())) == 1, (task, counts)
+
+
+def test_shared_tasks_parse_verbatim(glue_dir: Path):
+    """SST-2, RTE and MRPC as the real files are laid out: MRPC's header starts with a BOM and its strings
+    may open a quote they never close, SST-2's sentences end in a space; text is kept byte for byte."""
+    mrpc_dev = glue_dir / "MRPC" / "dev.tsv"
+    assert mrpc_dev.read_bytes().startswith("\ufeffQuality\t#1 ID\t".encode())
+    rows = raw_rows(mrpc_dev)[1:]
+    mrpc = load_task("mrpc", glue_dir, "validation")
+    assert mrpc == [Example(r[3], r[4], int(r[0])) for r in rows]
+    assert any(ex.text_b.startswith('" ') and ex.text_b.count('"') == 1 for ex in mrpc)  # a bare quote, kept
+
+    rows = raw_rows(glue_dir / "SST-2" / "dev.tsv")[1:]
+    sst = load_task("SST-2", glue_dir / "SST-2", "dev")  # the task folder itself is also accepted
+    assert sst == [Example(r[0], None, int(r[1])) for r in rows]
+    assert all(ex.text_a.endswith(" . ") for ex in sst)
+
+    header, *rows = raw_rows(glue_dir / "RTE" / "dev.tsv")
+    assert header == ["index", "sentence1", "sentence2", "label"]
+    rte = load_task("rte", glue_dir, "dev")
+    assert rte == [Example(r[1], r[2], ("entailment", "not_entailment").index(r[3])) for r in rows]
+    assert load_task("rte", glue_dir, "dev", max_examples=5) == rte[:5]
+
+
+# ------------------------------------------------------------------------------------------------
+# Hand-written files for the other tasks' edge cases (Windows line endings, quotes in CoLA, MNLI's dev files)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -122,7 +166,7 @@ MNLI_DEV_HEADER = tsv(
 
 
 @pytest.fixture
-def glue_dir(tmp_path: Path) -> Path:
+def edge_glue(tmp_path: Path) -> Path:
     root = tmp_path / "glue"
     write(
         root / "CoLA" / "dev.tsv",  # no header, 4 columns
@@ -253,33 +297,33 @@ def glue_dir(tmp_path: Path) -> Path:
     return root
 
 
-def test_fixture_tasks_parse(glue_dir: Path):
-    cola = load_task("cola", glue_dir, "dev")
+def test_edge_case_files_parse(edge_glue: Path):
+    cola = load_task("cola", edge_glue, "dev")
     assert [ex.label for ex in cola] == [1, 0, 1]
     assert cola[2] == Example('"Bill," he said, "is here."', None, 1)
 
-    stsb = load_task("stsb", glue_dir, "dev")
+    stsb = load_task("stsb", edge_glue, "dev")
     assert [ex.label for ex in stsb] == [5.0, 4.75, 0.0]
     assert all(isinstance(ex.label, float) for ex in stsb)
     assert stsb[0].text_a == "A man with a hard hat is dancing."
     assert stsb[0].text_b == "A man wearing a hard hat is dancing."
     assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
 
-    qnli = load_task("qnli", glue_dir, "train")
+    qnli = load_task("qnli", edge_glue, "train")
     assert [ex.label for ex in qnli] == [1, 0]
     assert qnli[0].text_a == "When did the third Digimon series begin?"
 
-    mnli = load_task("mnli", glue_dir, "train")
+    mnli = load_task("mnli", edge_glue, "train")
     assert [ex.label for ex in mnli] == [1, 0, 2]  # HF order: entailment, neutral, contradiction
     assert mnli[0].text_a == "The cat sat." and mnli[0].text_b == "It sat."
-    assert [ex.label for ex in load_task("mnli", glue_dir, "validation_matched")] == [1]
-    assert [ex.label for ex in load_task("mnli", glue_dir, "dev_mismatched")] == [2]
+    assert [ex.label for ex in load_task("mnli", edge_glue, "validation_matched")] == [1]
+    assert [ex.label for ex in load_task("mnli", edge_glue, "dev_mismatched")] == [2]
 
-    qqp = load_task("QQP", glue_dir, "dev")
+    qqp = load_task("QQP", edge_glue, "dev")
     assert [ex.label for ex in qqp] == [0, 1]
     assert qqp[1].text_b == "How can I pursue a PhD in Computer Science?"  # no trailing "\r"
 
-    mrpc = load_task("mrpc", glue_dir, "dev")
+    mrpc = load_task("mrpc", edge_glue, "dev")
     assert mrpc == [Example("He said it .", '" It said so .', 1)]
 
 
@@ -593,7 +637,6 @@ def test_make_loader_end_to_end(tokenizer):
 def test_tokenized_dataset_validates():
     with pytest.raises(ValueError):
         TokenizedDataset(torch.zeros(5, dtype=torch.int32), torch.tensor([0, 2]), torch.zeros(2, dtype=torch.long))
-    assert os.fspath(SHARED_GLUE).endswith("shared/data/glue")
 
 
 def test_hub_loading_maps_columns(monkeypatch):

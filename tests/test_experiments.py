@@ -1,4 +1,8 @@
-"""Every task, method and experiment preset runs a few steps and leaves a complete run folder."""
+"""Every task, method and experiment preset runs a few steps and leaves a complete run folder.
+
+GLUE tasks read the session's fixture folder (``glue_dir``) through ADALORA_GLUE_DIR, set for every test here
+(subprocesses inherit it), so nothing reads ../shared.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from glue_fixtures import FOLDERS, make_glue_dir
 
 from adalora_lab.loop import train
-from helpers import ROOT, compose_run, options
+from helpers import FOLDERS, ROOT, compose_run, options
 
-SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "rank_pattern.json", "rank_history.jsonl",
              "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "figures/rank_heatmap.png",
              "figures/rank_history.png"]
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
+def _isolated(tmp_path, monkeypatch, glue_dir):
     monkeypatch.setenv("ADALORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ADALORA_GLUE_DIR", str(glue_dir))
     monkeypatch.setenv("WANDB_MODE", "disabled")
-
-
-@pytest.fixture(scope="module")
-def fixture_glue(tmp_path_factory) -> Path:
-    return make_glue_dir(tmp_path_factory.mktemp("glue"))
 
 
 def run(overrides: list[str], run_dir: Path) -> dict:
@@ -54,30 +52,22 @@ def check_run_folder(run_dir: Path, adaptive: bool = True) -> dict:
     return summary
 
 
-@pytest.mark.parametrize("task", ["rte", "mrpc", "sst2"])
-def test_shared_glue_tasks_run(task, tmp_path):
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
-    s = run(["model=tiny_bert", f"task={task}", "method=adalora", "method.target_r=2"], tmp_path / "run")
-    check_run_folder(tmp_path / "run")
-    assert 0.0 <= s["final"]["accuracy"] <= 1.0
-    assert s["final_budget"] == 2 * 12  # 6 matrix types x 2 layers, average rank 2
+MAIN_METRIC = {"sst2": "accuracy", "rte": "accuracy", "mrpc": "accuracy", "cola": "matthews", "stsb": "pearson",
+               "qnli": "accuracy", "mnli": "accuracy", "qqp": "accuracy"}
 
 
 @pytest.mark.parametrize("task", sorted(FOLDERS))
-def test_fixture_glue_tasks_run(task, tmp_path, fixture_glue):
-    s = run(["model=tiny_bert", f"task={task}", f"task.data_dir={fixture_glue}", "method=adalora",
-             "method.target_r=2"], tmp_path / "run")
+def test_every_glue_task_runs(task, tmp_path):
+    s = run(["model=tiny_bert", f"task={task}", "method=adalora", "method.target_r=2"], tmp_path / "run")
     check_run_folder(tmp_path / "run")
-    expected = {"cola": "matthews", "stsb": "pearson", "qnli": "accuracy", "mnli": "accuracy", "qqp": "accuracy"}
-    assert s["main_metric"] == expected[task]
-    assert expected[task] in s["final"]
+    assert s["main_metric"] == MAIN_METRIC[task] and MAIN_METRIC[task] in s["final"]
+    if MAIN_METRIC[task] == "accuracy":
+        assert 0.0 <= s["final"]["accuracy"] <= 1.0
+    assert s["final_budget"] == 2 * 12  # 6 matrix types x 2 layers, average rank 2
 
 
 @pytest.mark.parametrize("method", options("method"))
 def test_every_method_runs(method, tmp_path):
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     run_dir = tmp_path / "run"
     s = run(["model=tiny_bert", "task=rte", f"method={method}", "method.target_r=2"], run_dir)
     if method == "full":
@@ -89,8 +79,6 @@ def test_every_method_runs(method, tmp_path):
 
 
 def test_gpt2_conv1d_runs(tmp_path):
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     run(["model=tiny_gpt2", "task=rte", "method=adalora", "method.target_r=2"], tmp_path / "run")
     summary = check_run_folder(tmp_path / "run")
     assert summary["final_budget"] == 2 * 8  # 4 Conv1D types x 2 layers
@@ -98,8 +86,6 @@ def test_gpt2_conv1d_runs(tmp_path):
 
 @pytest.mark.parametrize("preset", options("experiment"))
 def test_every_experiment_preset_runs(preset, tmp_path):
-    if preset != "planted_rank" and not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     run([f"experiment={preset}"], tmp_path / "run")
     check_run_folder(tmp_path / "run")
 
@@ -108,7 +94,7 @@ def test_every_experiment_preset_runs(preset, tmp_path):
 def test_multirun_sweep_and_summary(tmp_path):
     """`-m method=lora,adalora method.target_r=2,4 seed=0,1 debug=fast` runs 8 jobs; summarize makes one table."""
     sweep = tmp_path / "multirun"
-    env = {**os.environ, "ADALORA_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    env = dict(os.environ)  # ADALORA_CACHE, ADALORA_GLUE_DIR, WANDB_MODE from _isolated
     cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "-m", "method=lora,adalora",
            "method.target_r=2,4", "seed=0,1", "debug=fast", "model=tiny_bert", "logger=none",
            f"hydra.sweep.dir={sweep}"]
@@ -127,8 +113,6 @@ def test_multirun_sweep_and_summary(tmp_path):
 
 def test_wandb_offline_logs_inside_run_folder(tmp_path, monkeypatch):
     """logger=wandb writes an offline run inside the run folder and never asks for a login."""
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")
     run_dir = tmp_path / "run"
@@ -141,8 +125,6 @@ def test_wandb_offline_logs_inside_run_folder(tmp_path, monkeypatch):
 
 def test_compaction_on_off_same_losses(tmp_path):
     """Compaction in the final phase is an optimisation only: same losses and metrics (with γ > 0 and clipping)."""
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     losses = {}
     for compact in (True, False):
         run_dir = tmp_path / f"compact={compact}"
@@ -162,8 +144,6 @@ def test_compaction_on_off_same_losses(tmp_path):
 
 def test_bf16_autocast_close_to_fp32(tmp_path):
     """precision=bf16 autocasts the forward only: same trainable set, losses within bf16 rounding of fp32."""
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     losses = {}
     for precision in ("fp32", "bf16"):
         run_dir = tmp_path / precision
@@ -189,9 +169,10 @@ def test_glue_compare_protocol_per_task(task, epochs, lr, subset):
 
 
 @pytest.mark.parametrize("task,metric", [("cola", "matthews"), ("stsb", "pearson")])
-def test_glue_compare_preset_on_tasks_outside_shared(task, metric, tmp_path, fixture_glue):
-    """A new user's GLUE task (CoLA, STS-B) runs from the same preset by pointing task.data_dir at a GLUE folder."""
-    s = run(["experiment=glue_compare", f"task={task}", f"task.data_dir={fixture_glue}", "debug=fast"],
+def test_glue_compare_preset_on_other_tasks(task, metric, tmp_path, glue_dir, monkeypatch):
+    """A GLUE task the preset does not list (CoLA, STS-B) runs from it by pointing task.data_dir at a GLUE folder."""
+    monkeypatch.delenv("ADALORA_GLUE_DIR")
+    s = run(["experiment=glue_compare", f"task={task}", f"task.data_dir={glue_dir}", "debug=fast"],
             tmp_path / "run")
     check_run_folder(tmp_path / "run")
     assert s["main_metric"] == metric and metric in s["final"]
@@ -199,8 +180,6 @@ def test_glue_compare_preset_on_tasks_outside_shared(task, metric, tmp_path, fix
 
 def test_rerun_of_a_finished_run_reuses_it(tmp_path):
     """Rerunning a finished run (a sweep started again) touches nothing and returns the recorded summary."""
-    if not SHARED_GLUE.is_dir():
-        pytest.skip(f"{SHARED_GLUE} not present")
     run_dir = tmp_path / "run"
     args = ["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2"]
     first = run(args, run_dir)

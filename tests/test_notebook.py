@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+
+from fake_runs import make_multirun
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -15,13 +16,6 @@ pytest.importorskip("ipykernel")
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "rank_allocation.ipynb"
-
-
-def _make_multirun(root: Path) -> Path:
-    spec = importlib.util.spec_from_file_location("_summarize_fixtures", Path(__file__).with_name("test_summarize.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.make_multirun(root)
 
 
 def _kernelspec(tmp_path: Path) -> str:
@@ -43,7 +37,7 @@ def test_committed_notebook_is_clean():
 
 
 def test_notebook_runs_on_a_multirun(tmp_path, monkeypatch):
-    root = _make_multirun(tmp_path / "multirun")
+    root = make_multirun(tmp_path / "multirun")
     kernel = _kernelspec(tmp_path)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("ADALORA_RUN_DIR", str(root))

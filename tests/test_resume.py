@@ -16,13 +16,16 @@ from adalora_lab.loop import train
 from adalora_lab.resume import FAULT_ENV, latest_checkpoint
 from helpers import ROOT, compose_run
 
-SHARED_GLUE = ROOT.parent / "shared" / "data" / "glue"
 # 24 steps; masking every 2 steps from step 3; final phase (frozen pattern, compaction) from step 13
-OVERRIDES = ["debug=fast", "logger=none", "model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2",
-             "max_steps=24", "checkpoint_every=3", "keep_checkpoints=2", "deterministic=true", "log_every=1",
-             "eval_every=8", "method.tinit=0.1", "method.tfinal=0.45", "method.delta_t=2", "threads=1"]
+BASE = ["debug=fast", "logger=none", "model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2",
+        "max_steps=24", "checkpoint_every=3", "keep_checkpoints=2", "deterministic=true", "log_every=1",
+        "eval_every=8", "method.tinit=0.1", "method.tfinal=0.45", "method.delta_t=2", "threads=1"]
 
-pytestmark = pytest.mark.skipif(not SHARED_GLUE.is_dir(), reason=f"{SHARED_GLUE} not present")
+
+@pytest.fixture(scope="module")
+def overrides(glue_dir) -> list[str]:
+    """The run's overrides, on the RTE fixture data."""
+    return [*BASE, f"paths.glue_dir={glue_dir}"]
 
 
 @pytest.fixture(autouse=True)
@@ -51,56 +54,58 @@ def assert_same(a: tuple, b: tuple) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple:
+def reference(tmp_path_factory, overrides) -> tuple:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    os.environ["ADALORA_CACHE"] = str(run_dir.parent / "cache")
-    train(compose_run(OVERRIDES), run_dir)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ADALORA_CACHE", str(run_dir.parent / "cache"))
+        mp.delenv(FAULT_ENV, raising=False)
+        train(compose_run(overrides), run_dir)
     return outcome(run_dir)
 
 
 @pytest.mark.parametrize("fault", ["step:5", "checkpoint:6", "step:14", "checkpoint:15", "step:23"])
-def test_interrupted_run_resumes_exactly(fault, reference, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_exactly(fault, reference, overrides, tmp_path, monkeypatch):
     """In process: the run dies (exception) at a step or inside a checkpoint write, then restarts in its folder."""
     run_dir = tmp_path / "run"
     monkeypatch.setenv(FAULT_ENV, f"raise@{fault}")
     with pytest.raises(KeyboardInterrupt):
-        train(compose_run(OVERRIDES), run_dir)
+        train(compose_run(overrides), run_dir)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
     assert not list((run_dir / "checkpoints").glob("*.tmp"))  # a torn write leaves no half file behind
     monkeypatch.delenv(FAULT_ENV)
-    train(compose_run(OVERRIDES), run_dir)
+    train(compose_run(overrides), run_dir)
     assert_same(outcome(run_dir), reference)
 
 
-def test_resume_refuses_another_config(reference, tmp_path, monkeypatch):
+def test_resume_refuses_another_config(overrides, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     monkeypatch.setenv(FAULT_ENV, "raise@step:7")
     with pytest.raises(KeyboardInterrupt):
-        train(compose_run(OVERRIDES), run_dir)
+        train(compose_run(overrides), run_dir)
     monkeypatch.delenv(FAULT_ENV)
     with pytest.raises(ValueError, match="optim.lr"):
-        train(compose_run(OVERRIDES + ["optim.lr=0.5"]), run_dir)
+        train(compose_run(overrides + ["optim.lr=0.5"]), run_dir)
 
 
-def test_resume_from_explicit_checkpoint(reference, tmp_path, monkeypatch):
+def test_resume_from_explicit_checkpoint(reference, overrides, tmp_path, monkeypatch):
     src = tmp_path / "src"
     monkeypatch.setenv(FAULT_ENV, "raise@step:10")
     with pytest.raises(KeyboardInterrupt):
-        train(compose_run(OVERRIDES), src)
+        train(compose_run(overrides), src)
     monkeypatch.delenv(FAULT_ENV)
     path, state = latest_checkpoint(src)
     assert state["state"]["step"] == 9
     dst = tmp_path / "dst"
-    summary = train(compose_run(OVERRIDES + [f"resume={path}"]), dst)
+    summary = train(compose_run(overrides + [f"resume={path}"]), dst)
     assert summary["final"] == reference[0]["final"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["kill@step:4", "kill@checkpoint:12", "kill@step:17"])
-def test_sigkill_then_rerun_same_command(fault, reference, tmp_path):
+def test_sigkill_then_rerun_same_command(fault, reference, overrides, tmp_path):
     """A real SIGKILL (also inside a checkpoint write and in the final phase); the same command resumes."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), *OVERRIDES, f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "ADALORA_CACHE": str(tmp_path / "cache"), FAULT_ENV: fault}
     killed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, timeout=600)
     assert killed.returncode == -9, killed.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""experiments/summarize.py on a fake Hydra multirun written by ``make_multirun`` (also used by test_notebook)."""
+"""experiments/summarize.py on a fake Hydra multirun (``fake_runs.make_multirun``, also used by test_notebook)."""
 
 from __future__ import annotations
 
@@ -11,119 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from adalora_lab import plots, summary
+from fake_runs import ACC, PLANTED, adalora_pattern, expected_mean_pattern, make_multirun, write_run
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "summarize.py"
-
-
-def load_summarize():
-    from adalora_lab import summary
-
-    return summary
-
-
-# ------------------------------------------------------------------------------------------- fake runs
-
-BERT = [f"bert.encoder.layer.{i}.{s}" for i in range(2)
-        for s in ("attention.self.query", "attention.self.value", "intermediate.dense")]
-MLP = [f"blocks.{i}.{s}" for i in range(2) for s in ("up", "down")]
-SEEDS = (0, 1, 2)
-
-# Main metric per (task, method, target_r), one value per seed.
-ACC = {("lora", 2): [0.60, 0.62, 0.64], ("lora", 4): [0.65, 0.66, 0.70],
-       ("adalora", 2): [0.70, 0.72, 0.74], ("adalora", 4): [0.75, 0.75, 0.78]}
-LOSS = {("lora", 2): [0.02, 0.03, 0.04], ("lora", 4): [0.012, 0.014, 0.016],
-        ("adalora", 2): [0.01234, 0.01334, 0.01434], ("adalora", 4): [0.005, 0.007, None]}  # seed 2 fails
-RECOVERY = {("lora", 2): [0.25] * 3, ("lora", 4): [0.25] * 3,
-            ("adalora", 2): [0.5, 0.6, 0.7], ("adalora", 4): [0.8, 0.9, None]}
-PLANTED = {"blocks.0.up": 4, "blocks.0.down": 1, "blocks.1.up": 0, "blocks.1.down": 3}
-
-
-def adalora_pattern(task: str, r: int, seed: int) -> dict:
-    """A seed-dependent pattern whose mean over seeds 0..2 is known (see ``expected_mean_pattern``)."""
-    names = BERT if task == "rte" else MLP
-    pat = {n: r for n in names}
-    pat[names[0]] = (1, 2, 4)[seed] + r  # mean r + 7/3
-    pat[names[1]] = r - 1 + (seed == 1)  # mean r - 2/3
-    pat[names[-1]] = 0
-    return pat
-
-
-def expected_mean_pattern(task: str, r: int, seeds=SEEDS) -> dict:
-    pats = [adalora_pattern(task, r, s) for s in seeds]
-    return {n: sum(p[n] for p in pats) / len(pats) for n in pats[0]}
-
-
-def write_run(folder: Path, *, task: str, method: str, target_r: int, seed: int, status: str | None = "completed",
-              final: dict | None = None, main_metric: str = "accuracy", higher_is_better: bool = True,
-              rank_pattern: dict | None = None, planted: dict | None = None, history: bool = False,
-              trainable_params: int = 1000, wall_time_s: float = 1.0, error: str | None = None) -> Path:
-    """One run folder in the contract's format; ``status=None`` writes no summary.json (a crashed run)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / ".hydra").mkdir(exist_ok=True)
-    cfg = (f"method:\n  name: {method}\n  target_r: {target_r}\n  init_r: {int(target_r * 1.5)}\n"
-           f"task:\n  name: {task}\nseed: {seed}\ntrain:\n  lr: 0.001\n")
-    (folder / "config.yaml").write_text(cfg)
-    (folder / ".hydra" / "config.yaml").write_text(cfg)
-    (folder / ".hydra" / "overrides.yaml").write_text(f"- method={method}\n- seed={seed}\n")
-    metrics = [{"step": s, "split": "train", "loss": 1.0 / s, "lr": 1e-3, "budget": 10} for s in (1, 2, 3)]
-    metrics.append({"step": 3, "split": "eval", "loss": 0.5, "lr": 1e-3, "budget": 10, main_metric: 0.5})
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    if status is not None:
-        summary = {"status": status, "task": task, "method": method, "target_r": target_r, "seed": seed,
-                   "main_metric": main_metric, "final": final or {}, "best": final or {},
-                   "trainable_params": trainable_params, "adapter_params": trainable_params // 2,
-                   "final_budget": target_r * 4, "wall_time_s": wall_time_s, "error": error}
-        if not higher_is_better:
-            summary["higher_is_better"] = False
-        (folder / "summary.json").write_text(json.dumps(summary))
-    if rank_pattern is not None:
-        (folder / "rank_pattern.json").write_text(json.dumps(rank_pattern))
-    if planted is not None:
-        (folder / "planted_ranks.json").write_text(json.dumps(planted))
-    if history and rank_pattern is not None:
-        init = {n: int(target_r * 1.5) for n in rank_pattern}
-        lines = [{"step": 0, "budget": sum(init.values()), "ranks": init},
-                 {"step": 5, "budget": (sum(init.values()) + sum(rank_pattern.values())) // 2,
-                  "ranks": {n: (init[n] + v) // 2 for n, v in rank_pattern.items()}},
-                 {"step": 10, "budget": sum(rank_pattern.values()), "ranks": rank_pattern}]
-        (folder / "rank_history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in lines))
-    (folder / "figures").mkdir(exist_ok=True)
-    (folder / "adapter").mkdir(exist_ok=True)
-    (folder / "adapter" / "config.yaml").write_text("not: a run\n")
-    return folder
-
-
-def make_multirun(root: Path) -> Path:
-    """2 tasks x 2 methods x 2 budgets x 3 seeds, one run with status "failed", one crashed run (no summary)."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "multirun.yaml").write_text("hydra:\n  mode: MULTIRUN\n")
-    for task in ("rte", "planted_rank"):
-        for method in ("lora", "adalora"):
-            for r in (2, 4):
-                for seed in SEEDS:
-                    folder = root / f"method.target_r={r},method={method},task={task}" / f"seed={seed}"
-                    names = BERT if task == "rte" else MLP
-                    pattern = adalora_pattern(task, r, seed) if method == "adalora" else {n: r for n in names}
-                    if task == "rte":
-                        write_run(folder, task=task, method=method, target_r=r, seed=seed,
-                                  final={"accuracy": ACC[method, r][seed], "loss": 0.5},
-                                  rank_pattern=pattern, history=(method == "adalora" and seed == 0),
-                                  trainable_params=1_000_000 + 1000 * r, wall_time_s=10.0 + seed)
-                        continue
-                    loss = LOSS[method, r][seed]
-                    if loss is None:
-                        write_run(folder, task=task, method=method, target_r=r, seed=seed, status="failed",
-                                  main_metric="distill_loss", higher_is_better=False,
-                                  error="RuntimeError: CUDA out of memory")
-                        continue
-                    write_run(folder, task=task, method=method, target_r=r, seed=seed,
-                              final={"distill_loss": loss, "rank_recovery": RECOVERY[method, r][seed],
-                                     "rank_spearman": 0.5},
-                              main_metric="distill_loss", higher_is_better=False, rank_pattern=pattern,
-                              planted=PLANTED, trainable_params=2000 * r, wall_time_s=2.0)
-    write_run(root / "method.target_r=2,method=lora,task=rte" / "seed=3", task="rte", method="lora", target_r=2,
-              seed=3, status=None)
-    return root
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -133,7 +25,7 @@ def make_multirun(root: Path) -> Path:
 def summarized(tmp_path_factory):
     root = make_multirun(tmp_path_factory.mktemp("multirun"))
     out = root / "report"
-    result = load_summarize().summarize(root, out_dir=out)
+    result = summary.summarize(root, out_dir=out)
     return root, out, result
 
 
@@ -200,7 +92,7 @@ def test_markdown_table(summarized):
 def test_single_seed_shows_n1(tmp_path):
     root = tmp_path / "one"
     write_run(root / "a", task="rte", method="lora", target_r=8, seed=0, final={"accuracy": 0.8123})
-    result = load_summarize().summarize(root, out_dir=tmp_path / "o")
+    result = summary.summarize(root, out_dir=tmp_path / "o")
     assert "| 81.23 (n=1) |" in result["table"]
     (row,) = result["rows"]
     assert row["n"] == 1 and math.isnan(row["std"])
@@ -251,13 +143,10 @@ def test_figures(summarized):
 
 def test_aggregate_heatmap_values(summarized):
     """The figure summarize draws holds the mean rank per module over seeds, the planted ranks beside it."""
-    from adalora_lab import plots
-
-    summ = load_summarize()
     _, _, result = summarized
     group = [r for r in result["runs"] if (r["task"], r["method"], r["target_r"]) == ("planted_rank", "adalora", 4)
              and r["status"] == "completed"]
-    mean = summ._mean_pattern([r["rank_pattern"] for r in group])
+    mean = summary._mean_pattern([r["rank_pattern"] for r in group])
     expected = expected_mean_pattern("planted_rank", 4, seeds=(0, 1))
     assert mean == pytest.approx(expected)
     fig = plots.rank_heatmap_figure(mean, planted=PLANTED)
@@ -274,7 +163,7 @@ def test_cli_writes_into_multirun_dir(tmp_path, capsys):
     for seed in (0, 1):
         write_run(root / f"method=adalora/seed={seed}", task="rte", method="adalora", target_r=2, seed=seed,
                   final={"accuracy": 0.5 + 0.1 * seed}, rank_pattern=adalora_pattern("rte", 2, seed))
-    assert load_summarize().main([str(root), "--no-plots"]) == 0
+    assert summary.main([str(root), "--no-plots"]) == 0
     assert "| adalora | 2 | 55.00 ± 7.07 |" in capsys.readouterr().out
     assert (root / "summary.md").exists() and (root / "summary.csv").exists()
     assert not (root / "comparison.png").exists()
@@ -292,15 +181,14 @@ def test_cli_dir_without_runs_exits_nonzero(tmp_path, capsys):
     target = tmp_path / "empty"
     (target / "sub" / ".hydra").mkdir(parents=True)
     (target / "multirun.yaml").write_text("a: 1\n")
-    assert load_summarize().main([str(target)]) != 0
+    assert summary.main([str(target)]) != 0
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and str(target) in lines[0] and "no run folder" in lines[0]
 
 
 def test_summarize_raises_on_missing_dir(tmp_path):
-    summ = load_summarize()
-    with pytest.raises(summ.SummarizeError):
-        summ.summarize(tmp_path / "missing")
+    with pytest.raises(summary.SummarizeError):
+        summary.summarize(tmp_path / "missing")
 
 
 def test_by_splits_rows_by_a_config_value(tmp_path):
@@ -335,7 +223,7 @@ def test_collect_results_copies_small_files_only(tmp_path):
     assert {p.name for p in dest.rglob("*") if p.is_file()} == {
         "config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
         "planted_ranks.json", "multirun.yaml"}
-    assert load_summarize().summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
+    assert summary.summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
 
 
 def test_allocation_rows_mean_rank_by_type_and_layer(summarized):

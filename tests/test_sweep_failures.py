@@ -4,7 +4,7 @@
         method.lora_dropout=0.0,1.0 hydra.sweep.dir=<tmp>
 
 runs 4 jobs; the two with lora_dropout=1.0 fail at config time (LoRAConfig / AdaLoRAConfig reject it).
-The data is a small RTE-format folder given through ADALORA_GLUE_DIR (conf/task/rte.yaml reads it).
+The data is the session's fixture GLUE folder (``glue_dir``), given through ADALORA_GLUE_DIR (conf/paths reads it).
 """
 
 from __future__ import annotations
@@ -18,21 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from adalora_lab import summary
 from adalora_lab.loop import train
 from helpers import ROOT, compose_run
 
 SWEEP = ["debug=fast", "model=tiny_bert", "logger=none", "method=lora,adalora", "method.target_r=2",
          "method.lora_dropout=0.0,1.0"]
-
-
-def write_rte(root: Path, n_train: int = 24, n_dev: int = 12) -> Path:
-    labels = ("entailment", "not_entailment")
-    header = "index\tsentence1\tsentence2\tlabel\n"
-    (root / "RTE").mkdir(parents=True)
-    for split, n in (("train", n_train), ("dev", n_dev)):
-        rows = "".join(f"{i}\tthe cat sat on the mat {i} .\ta dog ran .\t{labels[i % 3 % 2]}\n" for i in range(n))
-        (root / "RTE" / f"{split}.tsv").write_text(header + rows)
-    return root
 
 
 def _env(tmp: Path, glue: Path) -> dict:
@@ -53,17 +44,16 @@ def _status(run_dir: Path) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(tmp_path_factory, glue_dir):
     tmp = tmp_path_factory.mktemp("sweep_failures")
-    glue = write_rte(tmp / "glue")
     sweep_dir = tmp / "multirun"
-    env = _env(tmp, glue)
+    env = _env(tmp, glue_dir)
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "-m", *SWEEP,
                           f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=600)
     summ = subprocess.run([sys.executable, str(ROOT / "experiments" / "summarize.py"), str(sweep_dir)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
-    return {"tmp": tmp, "glue": glue, "dir": sweep_dir, "run": run, "summarize": summ}
+    return {"tmp": tmp, "glue": glue_dir, "dir": sweep_dir, "run": run, "summarize": summ}
 
 
 def test_other_jobs_complete(sweep):
@@ -114,12 +104,6 @@ def test_sweep_stderr_has_no_traceback(sweep):
     assert "Traceback" not in sweep["run"].stderr
 
 
-def _summarize_module():
-    from adalora_lab import summary
-
-    return summary
-
-
 def test_failure_during_training_is_listed_with_its_error(sweep, tmp_path, monkeypatch):
     """A run that fails mid-training (non-finite loss) has summary.json status=failed; the summary quotes it."""
     monkeypatch.setenv("ADALORA_CACHE", str(sweep["tmp"] / "cache"))
@@ -133,7 +117,7 @@ def test_failure_during_training_is_listed_with_its_error(sweep, tmp_path, monke
     with pytest.raises(FloatingPointError, match="non-finite training loss at step"):
         train(cfg, folder / "nan")
     assert _status(folder / "nan") == "failed"
-    result = _summarize_module().summarize(folder, plots_=False)
+    result = summary.summarize(folder, plots_=False)
     assert [f["status"] for f in result["failed"]] == ["failed"]
     assert "FloatingPointError: non-finite training loss at step" in result["failed"][0]["problem"]
     assert "| nan | rte | adalora | 2 | 0 | failed | FloatingPointError: non-finite" in result["markdown"]
