@@ -86,7 +86,10 @@ def test_allocator_hooks_through_the_helpers(make_mlp):
     assert adaptive.own_parameters(alloc) == [] and adaptive.structure_version(alloc) == 0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for t in range(1, 10):
+        model(torch.randn(4, 8)).pow(2).sum().backward()  # the allocator refuses to mask on empty scores
+        opt.step()
         alloc.step(t)
+        opt.zero_grad(set_to_none=False)
     alloc.compact(opt)
     assert adaptive.structure_version(alloc) == 1
     off = AdaLoRAConfig(init_r=3, target_r=1, target_modules=TARGETS, total_steps=12, orth_reg_weight=0.0)

@@ -144,7 +144,8 @@ def test_wheel_builds_without_warnings_and_ships_py_typed(tmp_path):
     root = Path(__file__).resolve().parents[1]
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(root / name, tmp_path)
-    shutil.copytree(root / "adalora", tmp_path / "adalora", ignore=shutil.ignore_patterns("__pycache__"))
+    for pkg in ("adalora", "experiments/adalora_lab"):
+        shutil.copytree(root / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     code = "from setuptools import build_meta as b; print(b.build_wheel('dist'))"
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -152,4 +153,5 @@ def test_wheel_builds_without_warnings_and_ships_py_typed(tmp_path):
         names = whl.namelist()
         meta = whl.read("adalora-0.1.0.dist-info/METADATA").decode()
     assert "adalora/py.typed" in names and "adalora-0.1.0.dist-info/licenses/LICENSE" in names
+    assert "adalora_lab/loop.py" in names  # the experiment package ships beside the library
     assert "License-Expression: MIT" in meta

@@ -89,7 +89,7 @@ ROWS = [
         r"lora_alpha=0(\.0)?: must be > 0 .*Fix: use e\.g\. lora_alpha=16"),
     Bad("orth_reg_negative", ("method.orth_reg_weight=-1",), r"orth_reg_weight=-1(\.0)?: must be >= 0\. Fix"),
     Bad("score_typo", ("method.score=ipt2",), r"score='ipt2': unknown score.*Fix: use score='ipt'"),
-    Bad("method_kind_typo", ("method.kind=adaptive",), r"method\.kind='adaptive': expected lora, adalora or full"),
+    Bad("method_kind_typo", ("method.kind=adaptive",), r"method\.kind='adaptive': expected lora, adalora, sora, increlora or full"),
     Bad("target_modules_typo", ("method.target_modules=[qurey]",),
         r"target_modules: \['qurey'\] match no module of \w+\. 'qurey': did you mean \[[^]]*'query'", sub=True),
     Bad("modules_to_save_typo", ("method.modules_to_save=[clasifier]",),

@@ -255,7 +255,8 @@ def _fmt_bytes(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n else "0"
 
 
-def print_table(rows: list[dict], file=sys.stdout) -> None:
+def print_table(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
     p = lambda *a: print(*a, file=file)  # noqa: E731
     p("\n## Allocator step: PEFT 0.21.2 update_and_allocate vs ours RankAllocator.step (median ms)\n")
     p("| config | matrices | adapter params | PEFT score | PEFT mask | ours score | ours mask | ours gather | "

@@ -322,7 +322,8 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB" if n else "0"
 
 
-def print_report(res: dict, pre_frac: float, delta_t: int, file=sys.stdout) -> dict:
+def print_report(res: dict, pre_frac: float, delta_t: int, file=None) -> dict:
+    file = file or sys.stdout
     p = lambda *a: print(*a, file=file)  # noqa: E731
     tr, sz = res["train"], res["sizes"]
     med = {n: statistics.median(t) for n, (t, _, _) in tr.items()}

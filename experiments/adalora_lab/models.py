@@ -35,7 +35,7 @@ def _load(fn, name: str, field_name: str, **kwargs):
 def model_path(cfg: ModelConfig) -> str | None:
     """The folder or Hub name a pretrained backbone loads from (None for random models)."""
     if cfg.kind == "minilm":
-        return minilm_path()
+        return str(minilm_path())
     return cfg.path if cfg.kind == "hub" else None
 
 

@@ -222,16 +222,21 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-    """``key: old -> new`` for every field that affects the result and differs between two config dicts."""
+    """``key: old -> new`` for every field that affects the result and differs between two config dicts.
+
+    A field that the saved config lacks (written before the field existed) counts as its schema default, so
+    adding a field never strands the checkpoints of runs in progress."""
     _, ignored = result_fields()
     skip = tuple(ignored)
     a, b = _flat(saved), _flat(current)
+    defaults = _flat(dataclasses.asdict(RunConfig()))
     out = []
     for k in sorted(set(a) | set(b)):
         if k == "inputs" or k.startswith("inputs.") or any(k == s or k.startswith(s + ".") for s in skip):
             continue
-        if a.get(k) != b.get(k):
-            out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+        old = a.get(k, defaults.get(k)) if k not in a else a[k]
+        if old != b.get(k):
+            out.append(f"{k}: {old!r} -> {b.get(k)!r}")
     return out
 
 
@@ -390,6 +395,8 @@ def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int, n
         return cls(r=m.target_r, **kwargs)
     kwargs["total_steps"] = total_steps
     if m.kind == "sora":
+        if m.lambda_schedule is not None and m.lambda_stage_steps is None:  # ours: the stages fill the run
+            kwargs["lambda_stage_steps"] = max(1, total_steps // (m.lambda_num or 10))
         if m.budget_matched:
             kwargs["target_r"] = m.target_r
             kwargs["tfinal"] = resolve_schedule_steps(m.tfinal if m.tfinal is not None else 0.0, total_steps,
