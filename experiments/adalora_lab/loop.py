@@ -490,7 +490,7 @@ def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
         else:
             atomic_write(run.dir.model, lambda tmp: torch.save(
                 {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, tmp))
-        _figures(run, ranks, log)
+        _figures(run, summary, log)
         fault_point("finish", run.total_steps)
         run.dir.write_summary(summary)
         log.close(summary.to_dict())
@@ -499,19 +499,12 @@ def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
     return summary.to_dict()
 
 
-def _figures(run: Run, ranks: dict, log: RunLog) -> None:
-    if not ranks:
-        return
-    from .plots import rank_heatmap, rank_history_plot
-    from .summary import read_jsonl
+def _figures(run: Run, summary: Summary, log: RunLog) -> None:
+    """The per-run figures (plots.run_figures reads the run folder; the summary is not written yet)."""
+    from .plots import run_figures
 
-    fig_dir = run.dir.figures
-    fig_dir.mkdir(exist_ok=True)
-    heat = rank_heatmap(ranks, fig_dir / "rank_heatmap.png", title="kept rank per module", planted=run.work.planted)
-    history = read_jsonl(run.dir.rank_history)
-    if history:
-        rank_history_plot(history, fig_dir / "rank_history.png")
-    log.log_image("rank_heatmap", heat)
+    for path in run_figures(run.dir.path, summary.to_dict()):
+        log.log_image(Path(path).stem, path)
 
 
 def _record_setup_failure(cfg: RunConfig, run_dir: RunDir, error: BaseException) -> None:

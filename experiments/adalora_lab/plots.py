@@ -363,3 +363,25 @@ def comparison_plot(rows: list[dict], path, title: str | None = None) -> str:
     if title:
         fig.suptitle(title, fontsize=10)
     return _save(fig, path)
+
+
+def run_figures(run_dir, summary: dict) -> list:
+    """The figures of one run folder, written to ``<run>/figures/``; returns their paths.
+
+    ``summary``: the run's summary dict (task, method, target_r, seed, main_metric). Reads rank_pattern.json,
+    rank_history.jsonl and planted_ranks.json from the folder.
+    """
+    from .rundir import RunDir, read_json
+    from .summary import read_jsonl
+
+    run = RunDir(run_dir)
+    ranks = read_json(run.rank_pattern) or {}
+    if not ranks:
+        return []
+    run.figures.mkdir(exist_ok=True)
+    out = [rank_heatmap(ranks, run.figures / "rank_heatmap.png", title="kept rank per module",
+                        planted=read_json(run.planted))]
+    history = read_jsonl(run.rank_history)
+    if history:
+        out.append(rank_history_plot(history, run.figures / "rank_history.png"))
+    return [p for p in out if p]
