@@ -123,6 +123,7 @@ class Run:
     steps_per_epoch: int
     warmup: int
     init_ranks: dict
+    trainable_params: int  # at the start of training (compaction and growth change it later)
     structure: int  # the method's structure_version: when it changes, the parameter lists are rebuilt
     cfg_dict: dict
     t_start: float
@@ -163,7 +164,7 @@ def _train(cfg: RunConfig, run_dir: RunDir) -> dict:
     log = RunLog(run.dir.path, cfg.logger, run.cfg_dict, resume=resumed) if run.main else _NoLog()
     summary = Summary(status="running", task=cfg.task.name, method=cfg.method.name, target_r=cfg.method.target_r,
                       seed=cfg.seed, main_metric=run.work.main_metric, higher_is_better=run.work.higher_is_better,
-                      trainable_params=count_trainable(run.model), total_steps=run.total_steps,
+                      trainable_params=run.trainable_params, total_steps=run.total_steps,
                       run_dir=str(run.dir.path), init_budget=sum(run.init_ranks.values()), inputs=run.work.inputs)
     if run.main:
         run.dir.write_summary(summary)
@@ -282,6 +283,7 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
     init_ranks = {n: a.r for n, a in adapters.items()}
     if allocator is not None:
         init_ranks = allocator.rank_pattern()  # IncreLoRA's reserves and SoRA's zero gates do not count
+    n_trainable = count_trainable(model)  # before a resume compacts or grows the adapters
     state = RunState()
     if resume is not None:  # the method first (it reshapes the adapters as the saved run had them), then weights
         ckpt = resume[1]
@@ -310,7 +312,7 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
     run = Run(cfg=cfg, dir=run_dir, main=main, work=work, model=model, net=net, adapters=adapters, mcfg=mcfg,
               allocator=allocator, optimizer=optimizer, trainable=_clipped(model), total_steps=total_steps,
               steps_per_epoch=steps_per_epoch, warmup=int(round(o.warmup_ratio * total_steps)),
-              init_ranks=init_ranks, cfg_dict=cfg_dict, t_start=t_start,
+              init_ranks=init_ranks, trainable_params=n_trainable, cfg_dict=cfg_dict, t_start=t_start,
               structure=adaptive.structure_version(allocator) if allocator is not None else 0)
     return run, state, resume is not None
 

@@ -10,6 +10,7 @@ whose bytes do not match its checksum (a torn write, a flipped bit) is never loa
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -31,10 +32,12 @@ FORMAT = "adalora-train-checkpoint"
 _HEADER = FORMAT.encode() + b" sha256="
 
 
-FAULT_ENV = "ADALORA_FAULT_INJECT"  # tests only: "kill@step:N" or "kill@checkpoint:N" ("raise@..." raises)
+# tests only: "<action>@<point>:<step>", points step / checkpoint / finish; actions kill (SIGKILL), raise
+# (KeyboardInterrupt) and enospc (the OSError of a full disk)
+FAULT_ENV = "ADALORA_FAULT_INJECT"
 
 
-def fault_point(point: str, step: int) -> None:
+def fault_point(point: str, step: int, path: str | None = None) -> None:
     """Die here if the environment asks for it; lets tests kill a run at an exact place."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
@@ -43,6 +46,8 @@ def fault_point(point: str, step: int) -> None:
     if where == f"{point}:{step}":
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         raise KeyboardInterrupt(f"fault injected at {where}")
 
 
@@ -85,7 +90,7 @@ def save_checkpoint(run_dir: Path, payload: dict, keep: int) -> Path:
         with open(tmp, "wb") as f:
             f.write(_HEADER + hashlib.sha256(body).hexdigest().encode() + b"\n")
             f.write(body)
-        fault_point("checkpoint", step)  # tests: die with the temp file written, not yet renamed
+        fault_point("checkpoint", step, tmp)  # tests: die with the temp file written, not yet renamed
 
     atomic_write(path, write)
     olds = sorted(path.parent.glob("step_*.pt"))
