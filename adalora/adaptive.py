@@ -1,8 +1,12 @@
 """What a training loop, a Trainer callback and a checkpoint need from any adaptive-rank method.
 
 ``AdaptiveMethod`` is the core every controller has: ``RankAllocator`` (AdaLoRA), ``SoRAGates`` (SoRA) and
-``RankGrower`` (IncreLoRA) satisfy it structurally. The optional hooks below differ between methods; call them
-through the helper functions, which give the neutral answer for a controller that lacks the hook:
+``RankGrower`` (IncreLoRA) satisfy it structurally. ``keep_masks()`` is the same on all three: {module: bool (r,)}
+over the adapter's rows, True for the components in use (AdaLoRA: the kept triplets; SoRA: the non-zero gates;
+IncreLoRA: the active parts); ``save_adapter`` slices the saved tensors with it.
+
+The optional hooks below differ between methods; call them through the helper functions, which give the neutral
+answer for a controller that lacks the hook:
 
     hook                         RankAllocator             SoRAGates                  RankGrower
     regularization() -> loss     (helper: γ · R(P, Q))     l1_weight · mean|g|        γ · R(P, Q), all parts
@@ -49,6 +53,9 @@ class AdaptiveMethod(Protocol):
 
     def rank_pattern(self) -> dict[str, int]:
         """{module name: rank in use now}."""
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """{module name: bool mask (r,)}, one entry per row of the adapter's A: True for a component in use."""
 
     @property
     def budget(self) -> int:

@@ -2,11 +2,13 @@
 
 A folder written by ``save_adapter`` / ``save_pretrained``:
 
-    adapter_config.json        PEFT's config: peft_type "ADALORA" (AdaLoRA) or "LORA" (LoRA, prune-LoRA), the exact
-                               adapted module names as target_modules, modules_to_save, rank_pattern, task_type ...
+    adapter_config.json        PEFT's config: peft_type "ADALORA" (AdaLoRA, SoRA, IncreLoRA) or "LORA" (LoRA,
+                               prune-LoRA), the exact adapted module names as target_modules, modules_to_save,
+                               rank_pattern, task_type ...
     adapter_model.safetensors  PEFT's tensors "base_model.model.<module>.lora_A" ..., sliced to the kept ranks, and
                                the modules_to_save weights (e.g. the classifier); see adalora.integrations.peft_format
-    adalora_config.json        {"format": "adalora-adapter", "version": 2, "method": "adalora" | "lora",
+    adalora_config.json        {"format": "adalora-adapter", "version": 2,
+                                "method": "adalora" | "lora" | "sora" | "increlora",
                                 "config": our config (every field), "task_type": ..., "compacted": bool,
                                 "rank_pattern": {module: kept rank}, "init_ranks": {module: init_r},
                                 "scales": {module: our scale}, "peft_scale": PEFT AdaLoRA's scale or null,
@@ -16,6 +18,11 @@ A folder written by ``save_adapter`` / ``save_pretrained``:
 folders (checking both checksums and restoring our exact layers from the sidecar), folders that PEFT's
 ``save_pretrained`` wrote (LoRA or AdaLoRA; no sidecar, PEFT's config is used), and folders of the earlier adalora
 format (version 1: our own JSON in adapter_config.json). Loading never unpickles anything.
+
+SoRA and IncreLoRA are saved in SVD form (ΔW = B diag(g) A · scale) at the components their controller keeps, and
+load back as plain ``SVDLinear`` adapters at the saved ranks with each module's saved scale: the same function, for
+inference or further fixed-rank training, not a SoRA / IncreLoRA run to continue (that is the training checkpoint,
+with the controller's ``state_dict()``). ``load_config`` gives the exact SoRAConfig / IncreLoRAConfig.
 """
 
 from __future__ import annotations
@@ -33,16 +40,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .allocator import RankAllocator
-from .config import AdaLoRAConfig, ConfigError, LoRAConfig
+from .adaptive import AdaptiveMethod
+from .config import AdaLoRAConfig, ConfigError, IncreLoRAConfig, LoRAConfig, SoRAConfig
 from .inject import _inject
-from .integrations.peft_format import build_peft, parse_peft, unfold
+from .integrations.peft_format import MethodConfig, build_peft, parse_peft, unfold
 from .layers import AdapterLayer
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 SIDECAR_NAME = "adalora_config.json"
 FORMAT, VERSION = "adalora-adapter", 2
+METHODS = {"lora": LoRAConfig, "adalora": AdaLoRAConfig, "sora": SoRAConfig, "increlora": IncreLoRAConfig}
 
 
 class CorruptFileError(ValueError):
@@ -79,12 +87,14 @@ def _sha256(data: bytes) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- save
-def save_adapter(path: str | os.PathLike, model: nn.Module, cfg: LoRAConfig | AdaLoRAConfig,
-                 allocator: RankAllocator | None = None, *, task_type: str | None = None,
+def save_adapter(path: str | os.PathLike, model: nn.Module, cfg: MethodConfig,
+                 allocator: AdaptiveMethod | None = None, *, task_type: str | None = None,
                  base_model_name_or_path: str | None = None) -> Path:
     """Save the adapters of ``model`` to folder ``path`` in PEFT's format (see the module docstring); returns it.
 
-    ``allocator``: its keep masks select the saved triplets (``None``: all). ``task_type``: PEFT's (``"SEQ_CLS"``,
+    ``cfg``: the LoRAConfig, AdaLoRAConfig, SoRAConfig or IncreLoRAConfig the adapters were built from.
+    ``allocator``: the method's controller (``RankAllocator``, ``SoRAGates``, ``RankGrower``); its ``keep_masks()``
+    select the saved components (``None``: all of them). ``task_type``: PEFT's (``"SEQ_CLS"``,
     ``"CAUSAL_LM"``, ...; ``None`` loads as a bare ``PeftModel``), written to both configs. Every file is written
     atomically; the sidecar, with the checksums, is written last.
     """
@@ -94,10 +104,10 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, cfg: LoRAConfig | Ad
     sidecar = {
         "format": FORMAT,
         "version": VERSION,
-        "method": "adalora" if isinstance(cfg, AdaLoRAConfig) else "lora",
+        "method": next(m for m, c in METHODS.items() if isinstance(cfg, c)),
         "config": dataclasses.asdict(cfg),
         "task_type": task_type,
-        "compacted": bool(allocator is not None and allocator.compacted),
+        "compacted": bool(getattr(allocator, "compacted", False)),
         **ours,
         "sha256": {WEIGHTS_NAME: _sha256(weights), CONFIG_NAME: _sha256(config_bytes)},
     }
@@ -108,8 +118,8 @@ def save_adapter(path: str | os.PathLike, model: nn.Module, cfg: LoRAConfig | Ad
     return path
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, cfg: LoRAConfig | AdaLoRAConfig,
-                    allocator: RankAllocator | None = None, *, task_type: str | None = None,
+def save_pretrained(model: nn.Module, path: str | os.PathLike, cfg: MethodConfig,
+                    allocator: AdaptiveMethod | None = None, *, task_type: str | None = None,
                     base_model_name_or_path: str | None = None) -> Path:
     """``save_adapter`` with the model first, as in PEFT's ``model.save_pretrained(path)``."""
     return save_adapter(path, model, cfg, allocator, task_type=task_type,
@@ -131,14 +141,16 @@ def _verify(path: Path, data: bytes, sidecar: dict) -> None:
                                f"(damaged or changed after saving); save the adapter again")
 
 
-def _our_config(method: str, fields: dict, where: Path) -> LoRAConfig | AdaLoRAConfig:
-    cls = {"adalora": AdaLoRAConfig, "lora": LoRAConfig}.get(method)
+def _our_config(method: str, fields: dict, where: Path) -> MethodConfig:
+    cls = METHODS.get(method)
     if cls is None:
-        raise ValueError(f"{where}: method={method!r} is neither 'adalora' nor 'lora'")
-    names = {f.name for f in dataclasses.fields(cls)}
+        raise ValueError(f"{where}: method={method!r} is not one of {sorted(METHODS)}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kw = {k: tuple(v) if isinstance(v, list) and isinstance(known[k].default, tuple) else v  # JSON has no tuples
+          for k, v in fields.items() if k in known}
     with warnings.catch_warnings():  # e.g. "nothing to prune": it warned when the run was configured
         warnings.simplefilter("ignore")
-        return cls(**{k: v for k, v in fields.items() if k in names})
+        return cls(**kw)
 
 
 def _rebuild_config(saved, ranks: dict[str, int], owners: list[str]):
@@ -215,14 +227,17 @@ def _read(path: str | os.PathLike) -> dict:
         if "lora_E" in m and sidecar.get("peft_scale"):
             m["lora_E"] = unfold(m["lora_E"], m["scale"] / float(sidecar["peft_scale"]))
     owners = parsed["cfg"].modules_to_save
+    # SoRA / IncreLoRA load as the SVD layers of PEFT's AdaLoRA config (their function; scales from the sidecar)
+    base_cfg = saved if isinstance(saved, (LoRAConfig, AdaLoRAConfig)) else parsed["cfg"]
     return {**parsed, "modules": {n: modules[n] for n in ranks}, "saved_cfg": saved,
-            "cfg": _rebuild_config(saved, ranks, owners)}
+            "cfg": _rebuild_config(base_cfg, ranks, owners)}
 
 
 # ---------------------------------------------------------------------------------------------------- load
-def load_config(path: str | os.PathLike) -> LoRAConfig | AdaLoRAConfig:
-    """The config a folder was saved with (every field, from the sidecar); for a folder PEFT saved, the config
-    built from PEFT's (module names, saved ranks as rank_pattern, ``prune=False``). The files are checked."""
+def load_config(path: str | os.PathLike) -> MethodConfig:
+    """The config a folder was saved with (every field, from the sidecar: a LoRAConfig, AdaLoRAConfig, SoRAConfig or
+    IncreLoRAConfig); for a folder PEFT saved, the config built from PEFT's (module names, saved ranks as
+    rank_pattern, ``prune=False``). The files are checked."""
     return _read(path)["saved_cfg"]
 
 
@@ -266,7 +281,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Adapter
 
     Reads folders written by ``save_adapter`` (checksums verified: a damaged file raises ``CorruptFileError``),
     folders PEFT's ``save_pretrained`` wrote (LoRA or AdaLoRA) and the earlier adalora format. Adapters and
-    modules_to_save (e.g. the classifier) are loaded trainable; returns ``{module name: adapter}``.
+    modules_to_save (e.g. the classifier) are loaded trainable; returns ``{module name: adapter}``. A SoRA or
+    IncreLoRA folder gives ``SVDLinear`` adapters at the saved ranks and scales (the saved model's function).
     """
     return _load(model, path)[0]
 

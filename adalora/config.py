@@ -98,7 +98,7 @@ class AdaLoRAConfig:
     """AdaLoRA: W = W0 + P diag(E) Q * alpha / init_r, with a cubic budget schedule over all triplets.
 
     Steps are optimizer steps counted from 1: call ``RankAllocator.step(t)`` after the t-th
-    ``optimizer.step()``. The schedule (facts §3): no masking for t <= tinit, a cubic decrease of
+    ``optimizer.step()``. The schedule: no masking for t <= tinit, a cubic decrease of
     the total budget from init_r * n to target_r * n until total_steps - tfinal, then the final
     phase at exactly target_r * n with frozen scores.
     """

@@ -1,10 +1,21 @@
-"""Multi-process training (``torchrun`` / DDP) with the allocator consistent across ranks.
+"""Multi-process training (``torchrun`` / DDP) with the adaptive-rank controller consistent across ranks.
 
 Why the allocator needs no all-reduce of its own: under ``DistributedDataParallel`` every rank holds
 the same averaged gradients after ``backward()``, so the same optimizer step, the same importance
-EMAs, the same triplet scores and the same stable-sorted masks follow on every rank. ``sync_allocator``
+EMAs, the same triplet scores and the same stable-sorted masks follow on every rank. ``sync_controller``
 is the belt and braces: after each masking step it broadcasts rank 0's mask (and the singular values it
 was applied to) to the others, so float nondeterminism can never make two ranks keep different triplets.
+
+The rivals (``sync_controller`` takes any controller; ``sync_allocator`` is the same function):
+
+- SoRA (``SoRAGates``): the gates see DDP's averaged gradients too, but which gates are zero is decided by
+  the values, at any step, so ``sync_controller`` broadcasts rank 0's gates, their Adam moments and the cap's
+  frozen mask after every step (4 floats per gate, e.g. 9 KB for 576 gates).
+- IncreLoRA (``RankGrower``): a module's score comes from each rank's own ∂L/∂ΔW, taken before DDP averages
+  the gradients, so the ranks score differently by design. A decision cannot be undone after the fact (a round
+  adds Parameters), so the grower itself broadcasts rank 0's importance EMAs at each growth round, before it
+  plans (``RankGrower.plan_src``); ``sync_controller`` only reports whether this rank's own scores would have
+  grown other modules. After a round, wrap the model in DDP again (new Parameters).
 
 Usage (see docs/integrations.md, "Distributed training")::
 
@@ -17,7 +28,7 @@ Usage (see docs/integrations.md, "Distributed training")::
         loss = distributed.weight_loss(loss_fn(ddp, local), w) + gamma * orthogonal_regularization(adapters)
         loss.backward(); optimizer.step()
         info = allocator.step(t)
-        distributed.sync_allocator(allocator, info)   # no-op unless distributed and a masking step
+        distributed.sync_controller(allocator, info)  # no-op unless distributed and a masking step
         optimizer.zero_grad(set_to_none=False)
         if info.phase == "final" and not allocator.compacted:
             allocator.compact(optimizer)              # new Parameter objects: DDP must be rebuilt
@@ -31,14 +42,18 @@ What was checked (tests/test_distributed.py, 2 gloo processes on CPU): the alloc
 DDP, prune-LoRA, gradient accumulation under ``no_sync``, ``compact()`` + re-wrap: the ranks hold identical
 masks and bit-identical weights, equal to one process on the whole global batch within 3e-7. DDP's default
 ``gradient_as_bucket_view=False`` writes the averaged gradients into the allocator's flat grad buffer in place;
-``True`` is also correct but re-points ``p.grad`` every step, costing the allocator one copy per step.
-Seed every rank alike (the model's init must match; DDP also broadcasts rank 0's weights at wrap time).
+``True`` is also correct but re-points ``p.grad`` every step, costing the allocator one copy per step. SoRA and
+IncreLoRA (the generic loop of ``adalora.adaptive``, DDP rebuilt after each growth round): identical patterns at every
+step and bit-identical weights, also when one rank's gate gradients or module scores are perturbed; SoRA equal to
+one process within 1e-5. Seed every rank alike (the model's init must match; DDP also broadcasts rank 0's weights
+at wrap time).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -51,6 +66,7 @@ from torch import nn
 __all__ = [
     "barrier",
     "broadcast_object",
+    "broadcast_tensors",
     "cleanup",
     "env_world_size",
     "grad_sync",
@@ -64,6 +80,7 @@ __all__ = [
     "rank",
     "shard_batch",
     "sync_allocator",
+    "sync_controller",
     "unwrap",
     "weight_loss",
     "world_size",
@@ -153,6 +170,21 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@torch.no_grad()
+def broadcast_tensors(*tensors: torch.Tensor, src: int = 0) -> bool:
+    """Copy rank ``src``'s values into ``tensors`` on every rank, in place (one broadcast of their concatenation in
+    float32 or wider); return whether this rank's values differed. A no-op (False) when not distributed."""
+    if not is_dist() or dist.get_world_size() == 1 or not tensors:
+        return False
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors], torch.float32)
+    buf = torch.cat([t.detach().reshape(-1).to(_comm_device(), dtype) for t in tensors])
+    mine = buf.clone()
+    dist.broadcast(buf, src=src)
+    for t, chunk in zip(tensors, buf.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view(t.shape).to(t.device, t.dtype))
+    return not torch.equal(buf, mine)
 
 
 def mean_across_ranks(value: float | torch.Tensor) -> float:
@@ -255,22 +287,59 @@ def weight_loss(loss: torch.Tensor, weight: float) -> torch.Tensor:
     return loss * weight
 
 
-# ---------------------------------------------------------------------------------------------- allocator
+# ---------------------------------------------------------------------------------------------- controllers
 _synced_final: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # allocator -> final_keep it synced
 
 
-@torch.no_grad()
-def sync_allocator(allocator, info=None, src: int = 0) -> bool:
-    """Broadcast rank ``src``'s keep mask and the singular values it was applied to; return whether this
-    rank's mask differed (it should never, under DDP).
+def sync_controller(controller, info=None, src: int = 0) -> bool:
+    """Make every rank hold rank ``src``'s decision; return whether this rank's own had differed.
 
-    Call on every rank right after ``allocator.step(t)`` with the ``StepInfo`` it returned: it only
-    communicates on masking steps of the decreasing phase and on the first step of the final phase (the
-    frozen pattern and its scores); the final phase's later steps re-apply the frozen pattern and need
-    nothing. ``info=None`` syncs now, whatever the step. One small broadcast (2-3 floats per triplet).
-    A no-op when not distributed, when pruning is off, or after ``compact()``.
+    Call on every rank right after ``controller.step(t)`` with the ``StepInfo`` it returned (``info=None``: sync
+    now, whatever the step). A no-op (False) when not distributed.
+
+    - ``RankAllocator``: broadcasts rank ``src``'s keep mask and the singular values it was applied to, on masking
+      steps of the decreasing phase and on the first step of the final phase (the frozen pattern and its scores);
+      the final phase's later steps re-apply the frozen pattern and need nothing. One small broadcast (2-3
+      floats per triplet). Nothing when pruning is off or after ``compact()``.
+    - ``SoRAGates``: broadcasts rank ``src``'s gates, their Adam moments and the frozen mask, at every step (which
+      gates are zero can change at any step; 4 floats per gate).
+    - ``RankGrower``: nothing to send (each growth round broadcasts rank ``RankGrower.plan_src``'s importance
+      before it plans); returns ``last_round_differed`` on growth steps.
     """
-    if not is_dist() or dist.get_world_size() == 1 or not allocator.prune or allocator.compacted:
+    from .allocator import RankAllocator
+    from .increlora import RankGrower
+    from .sora import SoRAGates
+
+    if isinstance(controller, RankGrower):
+        return bool(is_dist() and (info is None or info.masked) and controller.last_round_differed)
+    if not is_dist() or dist.get_world_size() == 1:
+        return False
+    if isinstance(controller, SoRAGates):
+        return _sync_sora(controller, src)
+    if isinstance(controller, RankAllocator):
+        return _sync_rank_allocator(controller, info, src)
+    raise TypeError(f"sync_controller: no rule for a {type(controller).__name__}; pass a RankAllocator, SoRAGates "
+                    "or RankGrower")
+
+
+sync_allocator = sync_controller  # the earlier name (adalora_lab's loop calls it), for any controller
+
+
+@torch.no_grad()
+def _sync_sora(gates, src: int) -> bool:
+    state = gates.mask_state()
+    n = state["gates"].numel()
+    dtype = torch.promote_types(state["gates"].dtype, torch.float32)
+    buf = torch.cat([state["gates"].to(dtype), state["exp_avg"].to(dtype), state["exp_avg_sq"].to(dtype),
+                     state["frozen"].to(dtype)]).to(_comm_device())
+    dist.broadcast(buf, src=src)
+    g, m, v, frozen = buf.split(n)
+    return gates.set_mask_state({"gates": g, "exp_avg": m, "exp_avg_sq": v, "frozen": frozen > 0.5})
+
+
+@torch.no_grad()
+def _sync_rank_allocator(allocator, info, src: int) -> bool:
+    if not allocator.prune or allocator.compacted:
         return False
     first_final = allocator.final_keep is not None and _synced_final.get(allocator) is not allocator.final_keep
     if info is not None and (not info.masked or (info.phase == "final" and not first_final)):
@@ -296,12 +365,16 @@ def sync_allocator(allocator, info=None, src: int = 0) -> bool:
     return differed
 
 
-def masks_agree(allocator) -> bool:
-    """Whether every rank holds the same keep mask (two small all-reduces). True when not distributed."""
-    if not is_dist() or dist.get_world_size() == 1 or allocator.compacted:
+def masks_agree(controller) -> bool:
+    """Whether every rank keeps the same components (``controller.keep_masks()``; a few small all-reduces).
+    True when not distributed."""
+    if not is_dist() or dist.get_world_size() == 1:
         return True
-    dev = allocator.keep.device
-    k = allocator.keep.to(torch.float32).to(dev if dist.get_backend() == "nccl" else "cpu")
+    k = torch.cat([m.reshape(-1).to(torch.float32) for m in controller.keep_masks().values()]).to(_comm_device())
+    size = torch.tensor([float(k.numel())] * 2, device=k.device) * torch.tensor([1.0, -1.0], device=k.device)
+    dist.all_reduce(size, op=dist.ReduceOp.MAX)  # [max n, -min n]: the layouts must match before comparing
+    if size[0] != -size[1]:
+        return False
     hi, lo = k.clone(), k.clone()
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)

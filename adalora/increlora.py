@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .allocator import StepInfo
 from .config import ConfigError, IncreLoRAConfig, LoRAConfig
 from .inject import inject_adapters
@@ -145,9 +146,6 @@ class IncreLinear(SVDLinear):
     def n_active(self) -> int:
         return sum(p.shape[0] for p, s in zip(self.lora_A_parts, self.part_status) if s == "active")
 
-    def apply_rank_mask(self, keep: torch.Tensor) -> None:
-        raise NotImplementedError("IncreLinear grows with RankGrower; it has no rank mask")
-
     def _add_adapter(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.scoring and torch.is_grad_enabled():
             delta = self._delta_out_in()  # (out, in): dense, so that ∂L/∂ΔW exists for the module score
@@ -209,6 +207,12 @@ class RankGrower:
         if the structure changed (grower.structure_version): rebuild lists of parameters held (clipping, DDP)
     With ``cfg.restart_warmup`` set, call ``grower.set_lr(main_lr_t)`` after setting the main lr of step t: each
     group added by a round then gets its own warm-up (``restart_lr_factor`` · ``lr``).
+
+    Under ``torch.distributed`` (more than one process) every growth round plans from rank ``plan_src``'s
+    importance: the module scores come from each rank's own ∂L/∂ΔW (before DDP averages the gradients), so they
+    differ between ranks, and the round broadcasts rank ``plan_src``'s Ī and Ū first (2 · n_modules floats; growth
+    steps fall on the same t on every rank). ``last_round_differed`` says whether this rank's own scores would
+    have grown other modules. Set ``plan_src = None`` to let every process decide alone.
     """
 
     def __init__(self, adapters: Mapping[str, IncreLinear], cfg: IncreLoRAConfig, lr: float | None = None,
@@ -252,6 +256,8 @@ class RankGrower:
         self.compacted = False
         self.optimizer: torch.optim.Optimizer | None = None
         self.structure_version = 0  # bumped whenever Parameters are added or removed
+        self.plan_src: int | None = 0  # under torch.distributed, growth rounds plan from this rank's importance
+        self.last_round_differed = False  # this rank's own importance would have planned the last round otherwise
         self._warned_repeat = False
         if not self.done:
             for a in self.adapters.values():
@@ -375,8 +381,14 @@ class RankGrower:
                                "grower.attach_optimizer(optimizer) after building it")
         cfg = self.cfg
         final = self.target_budget - self.total <= min(cfg.top_h, len(self.adapters)) * self.rank_step
+        plan = plan_growth(self.ema_ipt * self.ema_unc, self.total, self.target_budget, cfg.top_h, self.rank_step)
+        if self.plan_src is not None and distributed.world_size() > 1:  # every rank grows what rank plan_src plans
+            distributed.broadcast_tensors(self.ema_ipt, self.ema_unc, src=self.plan_src)
+            local, plan = plan, plan_growth(self.ema_ipt * self.ema_unc, self.total, self.target_budget, cfg.top_h,
+                                            self.rank_step)
+            self.last_round_differed = plan != local
         new: list[list] = []
-        for i, n in plan_growth(self.ema_ipt * self.ema_unc, self.total, self.target_budget, cfg.top_h, self.rank_step):
+        for i, n in plan:
             name = self.names[i]
             layer = self.adapters[name]
             for part in [j for j, st in enumerate(layer.part_status) if st == "reserve"][:n]:
@@ -423,6 +435,16 @@ class RankGrower:
         return self.cfg.orth_reg_weight * orthogonal_regularization(self.adapters, form="reference")
 
     # ------------------------------------------------------------------ reporting
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """{module name: bool mask (r,)} over all parts' rows: True for the active components (``RankAllocator``'s
+        meaning; reserves and dead parts are not kept)."""
+        out = {}
+        for n, a in self.adapters.items():
+            rows = [torch.full((p.shape[0],), st == "active", dtype=torch.bool, device=p.device)
+                    for p, st in zip(a.lora_A_parts, a.part_status)]
+            out[n] = torch.cat(rows)
+        return out
+
     def rank_pattern(self) -> dict[str, int]:
         """{module name: active rank}, no host sync."""
         return {n: a.n_active for n, a in self.adapters.items()}

@@ -100,9 +100,11 @@ class AdapterLayer(nn.Module):
 
 
 class SVDLinear(AdapterLayer):
-    """AdaLoRA's adapter: ΔW = P Λ Q * alpha / init_r (facts §1).
+    """AdaLoRA's adapter: ΔW = P Λ Q * alpha / init_r, the scale fixed at init_r after pruning (as the authors'
+    code, whose paper reports that rescaling by the current rank hurt results).
 
     lora_A = Q (r, in), N(0, 0.02); lora_E = Λ (r, 1), zeros (identity at init); lora_B = P (out, r), N(0, 0.02).
+    Masking a triplet is setting its Λ to 0 (``RankAllocator`` does it); A and B stay, so it may revive.
     """
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float = 16.0, lora_dropout: float = 0.0):
@@ -122,16 +124,12 @@ class SVDLinear(AdapterLayer):
     def _down(self) -> torch.Tensor:
         return self.lora_A * self.lora_E  # (r, in): Q's rows scaled by the singular values
 
-    @torch.no_grad()
-    def apply_rank_mask(self, keep: torch.Tensor) -> None:
-        """Zero the singular values whose ``keep`` entry is 0; A and B stay (a triplet may revive)."""
-        self.lora_E.mul_(keep.view(-1, 1).to(self.lora_E.dtype))
-
 
 class LoRALinear(AdapterLayer):
     """Fixed-rank LoRA: ΔW = B A * scale, B zero at init, scale alpha/r (rsLoRA: alpha/sqrt(r)).
 
-    For the prune-LoRA ablation a non-trainable ``lora_mask`` (r,) gates the rank components.
+    For the prune-LoRA ablation a non-trainable ``lora_mask`` (r,) gates the rank components (``RankAllocator``
+    writes it; 0 switches a component off).
     """
 
     def __init__(self, base_layer: nn.Module, r: int, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
@@ -152,9 +150,3 @@ class LoRALinear(AdapterLayer):
 
     def _down(self) -> torch.Tensor:  # (r, in), gated for prune-LoRA
         return self.lora_A if self.lora_mask is None else self.lora_A * self.lora_mask.view(-1, 1)
-
-    @torch.no_grad()
-    def apply_rank_mask(self, keep: torch.Tensor) -> None:
-        if self.lora_mask is None:
-            raise RuntimeError("this LoRALinear has no rank mask; inject with AdaLoRAConfig(adapter='lora') to prune")
-        self.lora_mask.copy_(keep.view(-1).to(self.lora_mask.dtype))

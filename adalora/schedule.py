@@ -1,4 +1,5 @@
-"""The cubic budget schedule (facts §3) as a pure function."""
+"""The cubic budget schedule as a pure function: the total number of kept singular values falls from the sum of
+the initial ranks to target_r x n_modules along a cubic, between the warm-up and the final phase."""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Importance scores (facts §2) as pure functions over flat tensors."""
+"""Importance scores as pure functions over flat tensors.
+
+Per entry w of A, E, B: the sensitivity I = |w ⊙ ∂L/∂w|, its EMA Ī ← β1 Ī + (1 − β1) I and the uncertainty
+Ū ← β2 Ū + (1 − β2) |I − Ī| (with the Ī just updated); s = Ī ⊙ Ū. A triplet's score is
+S_i = s(E_i) + mean_j s(A_ij) + mean_j s(B_ji) (computed by the allocator from these).
+"""
 
 from __future__ import annotations
 

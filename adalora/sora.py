@@ -155,6 +155,7 @@ class SoRAGates:
             raise ConfigError(f"SoRAGates(lr={lr!r}): the main learning rate must be > 0")
         self.cfg = cfg
         self.adapters = dict(adapters)
+        self.base_lr = lr  # the main optimizer's peak learning rate (None: not given, sparse_lr is set)
         self.gate_lr = float(cfg.sparse_lr if cfg.sparse_lr is not None else lr)  # the gates' lr for the next step
         self.lr_ratio = 1.0 if cfg.sparse_lr is None or lr is None else cfg.sparse_lr / lr
         n = sum(self.ranks)
@@ -166,6 +167,7 @@ class SoRAGates:
         self.capped = False
         self.target_budget = None if cfg.target_r is None else cfg.target_r * len(self.adapters)
         self.last_step = 0
+        self.compacted = False  # compact() has run: removed components cannot come back
         self.structure_version = 0  # bumped whenever compact() replaces parameters
         self._warned_repeat = False
         self._nonzero = self.gates() != 0
@@ -178,6 +180,10 @@ class SoRAGates:
     def gates(self) -> torch.Tensor:
         """All gates as one flat tensor (a copy), in ``adapters`` order."""
         return torch.cat([a.lora_E.detach().reshape(-1) for a in self.adapters.values()])
+
+    def keep_masks(self) -> dict[str, torch.Tensor]:
+        """{module name: bool mask (r,)} of the components in use: the non-zero gates (``RankAllocator``'s meaning)."""
+        return {n: a.lora_E.detach().view(-1) != 0 for n, a in self.adapters.items()}
 
     def own_parameters(self) -> list[nn.Parameter]:
         """The gates: this class optimizes them, so leave them out of the main optimizer (clip them with it)."""
@@ -194,6 +200,10 @@ class SoRAGates:
     # ------------------------------------------------------------------ the loop's hooks
     def set_lr(self, lr: float) -> None:
         """The main optimizer's learning rate for the coming step; the gates follow it (times sparse_lr / lr)."""
+        if self.base_lr is None:  # sparse_lr alone: the schedule's factor lr / peak is unknown
+            raise ConfigError("SoRAGates.set_lr: scaling sparse_lr by the main schedule needs the main peak learning "
+                              "rate. Fix: build SoRAGates(adapters, cfg, lr=<optimizer lr>), or do not call set_lr "
+                              "(the gates then train at sparse_lr throughout)")
         self.gate_lr = float(lr) * self.lr_ratio
 
     def regularization(self) -> torch.Tensor | None:
@@ -285,6 +295,32 @@ class SoRAGates:
         pattern = self.rank_pattern()
         return sum(pattern[n] * (a.in_features + a.out_features + 1) for n, a in self.adapters.items())
 
+    # ------------------------------------------------------------------ distributed
+    def mask_state(self) -> dict:
+        """What makes the ranks agree (``distributed.sync_controller`` broadcasts it): the gates, flat in
+        ``adapters`` order, their Adam moments and the budget cap's frozen mask."""
+        p = self.gates()
+        self._follow(p)
+        return {"gates": p, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "frozen": self.frozen}
+
+    @torch.no_grad()
+    def set_mask_state(self, state: Mapping) -> bool:
+        """Take another rank's ``mask_state()``; return whether it changed which gates are non-zero here."""
+        self._follow(self.gates())
+        p = state["gates"].to(self.exp_avg.device, self.exp_avg.dtype)
+        if p.numel() != self.exp_avg.numel():
+            raise ValueError(f"SoRA mask state has {p.numel()} gates but these adapters have {self.exp_avg.numel()}: "
+                             "every rank must compact alike")
+        frozen = state["frozen"].to(self.frozen)
+        differed = bool(((p != 0) != (self.gates() != 0)).any() or (frozen != self.frozen).any())
+        for a, chunk in zip(self.adapters.values(), p.split(self.ranks)):
+            a.lora_E.copy_(chunk.view(-1, 1))
+        self.exp_avg = state["exp_avg"].to(self.exp_avg).clone()
+        self.exp_avg_sq = state["exp_avg_sq"].to(self.exp_avg).clone()
+        self.frozen = frozen.clone()
+        self._nonzero = p != 0
+        return differed
+
     # ------------------------------------------------------------------ compaction
     @torch.no_grad()
     def compact(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
@@ -313,6 +349,7 @@ class SoRAGates:
             if optimizer is not None:
                 _swap_in_optimizer(optimizer, swap)
             self.structure_version += 1
+        self.compacted = True
         return self.rank_pattern()
 
     # ------------------------------------------------------------------ checkpointing
@@ -327,6 +364,7 @@ class SoRAGates:
             "steps": self.steps.clone(),
             "frozen": self.frozen.clone(),
             "capped": self.capped,
+            "compacted": self.compacted,
             "gate_lr": self.gate_lr,
         }
 
@@ -340,6 +378,7 @@ class SoRAGates:
         if any(r > a.r for r, a in zip(ranks, self.adapters.values())):
             raise ValueError(f"SoRA state has ranks {ranks} but these adapters have {self.ranks}: build a fresh "
                              "model to load it")
+        resized = any(r != a.r for r, a in zip(ranks, self.adapters.values()))
         with torch.no_grad():
             for r, a in zip(ranks, self.adapters.values()):
                 if r != a.r:  # the saved run had compacted this module; the values come with the model's weights
@@ -354,6 +393,7 @@ class SoRAGates:
         self.steps = state["steps"].to(dev, torch.int64).clone()
         self.frozen = state["frozen"].to(dev, torch.bool).clone()
         self.capped = bool(state["capped"])
+        self.compacted = bool(state.get("compacted", resized))  # states saved before the key: resized = compacted
         self.gate_lr = float(state["gate_lr"])
         self._nonzero = self.gates() != 0
 

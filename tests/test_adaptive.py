@@ -66,6 +66,9 @@ def test_every_method_runs_through_the_generic_loop(make_mlp, batches, method):
             main = [p for g in opt.param_groups for p in g["params"]]
         if info.masked:
             assert sum(ctrl.rank_pattern().values()) == info.budget, t
+        masks = ctrl.keep_masks()  # the same meaning for every method: one entry per row, True = in use
+        assert {n: m.numel() for n, m in masks.items()} == {n: a.r for n, a in adapters.items()}
+        assert {n: int(m.sum()) for n, m in masks.items()} == ctrl.rank_pattern(), t
     assert list(ctrl.rank_pattern()) == TARGETS
     final = sum(ctrl.rank_pattern().values())
     assert final == 2 if method == "adalora" else final == 4 if method == "increlora" else final <= 6
@@ -74,7 +77,7 @@ def test_every_method_runs_through_the_generic_loop(make_mlp, batches, method):
     ctrl.compact(opt)
 
 
-def test_allocator_hooks_through_the_helpers(make_mlp):
+def test_allocator_hooks_through_the_helpers(make_mlp, batches):
     cfg = CONFIGS["adalora"]()
     model = make_mlp(0)
     adapters = inject_method(model, cfg)
@@ -85,11 +88,11 @@ def test_allocator_hooks_through_the_helpers(make_mlp):
     torch.testing.assert_close(adaptive.regularization(alloc), want)
     assert adaptive.own_parameters(alloc) == [] and adaptive.structure_version(alloc) == 0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for t in range(1, 10):
-        model(torch.randn(4, 8)).pow(2).sum().backward()  # the allocator refuses to mask on empty scores
+    for t, (x, y) in enumerate(batches(9), start=1):  # the allocator scores from real gradients
+        F.mse_loss(model(x), y).backward()
         opt.step()
         alloc.step(t)
-        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()
     alloc.compact(opt)
     assert adaptive.structure_version(alloc) == 1
     off = AdaLoRAConfig(init_r=3, target_r=1, target_modules=TARGETS, total_steps=12, orth_reg_weight=0.0)

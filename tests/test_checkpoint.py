@@ -23,14 +23,19 @@ from safetensors.torch import load_file, save_file
 
 from adalora import (
     AdaLoRAConfig,
+    IncreLoRAConfig,
     LoRAConfig,
     LoRALinear,
     RankAllocator,
+    SoRAConfig,
     SVDLinear,
+    adaptive,
     from_pretrained,
     inject_adapters,
+    inject_method,
     load_adapter,
     load_config,
+    make_controller,
     orthogonal_regularization,
     save_adapter,
     save_pretrained,
@@ -282,6 +287,103 @@ def test_reads_the_earlier_adalora_format(make_mlp, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
     assert load_config(folder) == cfg
+
+
+# ================================================================================================ SoRA, IncreLoRA
+RIVALS = {  # a high threshold and L1 weight so that gates reach 0 in a few steps; IncreLoRA grows after steps 3, 5
+    "sora": lambda: SoRAConfig(r=4, lora_alpha=8.0, target_modules=TARGETS, modules_to_save=["classifier"],
+                               threshold=4e-3, l1_weight=1.0),
+    "increlora": lambda: IncreLoRAConfig(init_r=1, target_r=3, lora_alpha=8.0, target_modules=TARGETS,
+                                         modules_to_save=["classifier"], tinit=1, delta_t=2, top_h=3,
+                                         incre_rank_num=1, total_steps=20, restart_warmup=2),
+}
+
+
+def _train_rival(model, cfg, steps, lr=2e-2):
+    """The generic loop of adalora.adaptive over ``steps`` random BERT batches; returns (adapters, ctrl, opt)."""
+    adapters = inject_method(model, cfg)
+    ctrl = make_controller(adapters, cfg, lr=lr)
+    own = {id(p) for p in adaptive.own_parameters(ctrl)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in own], lr=lr)
+    adaptive.attach_optimizer(ctrl, opt)
+    for t in range(1, steps + 1):
+        adaptive.set_lr(ctrl, lr)
+        reg = adaptive.regularization(ctrl)
+        loss = _random_bert_loss(model, t)
+        (loss if reg is None else loss + reg).backward()
+        opt.step()
+        ctrl.step(t)
+        opt.zero_grad()
+        adaptive.zero_grad(ctrl)
+    return adapters, ctrl, opt
+
+
+def _rival_case(make_bert, method, steps, finish=False):
+    cfg = RIVALS[method]()
+    model = make_bert(0)
+    adapters, ctrl, opt = _train_rival(model, cfg, steps)
+    if finish:  # SoRA: drop the zero-gate components; IncreLoRA: grown to the target, dead reserves dropped
+        ctrl.compact(opt)
+    return cfg, model, adapters, ctrl
+
+
+@peft_mark
+@pytest.mark.parametrize("method, steps, finish", [("sora", 12, False), ("sora", 12, True), ("increlora", 6, False),
+                                                    ("increlora", 12, True)])
+def test_rival_round_trips_ours_and_peft(make_bert, peft_installed, tmp_path, method, steps, finish):
+    """A SoRA run with zero gates, and an IncreLoRA run that has grown (mid-growth, with reserves, or at its target
+    and compacted): the folder holds the controller's components only, loads as SVDLinear layers of the saved ranks
+    and scales with our exact outputs and config, and PEFT's from_pretrained gives the same logits."""
+    cfg, model, adapters, ctrl = _rival_case(make_bert, method, steps, finish)
+    kept = {n: int(m.sum()) for n, m in ctrl.keep_masks().items()}
+    assert kept == ctrl.rank_pattern()
+    if method == "sora":
+        assert sum(kept.values()) < 4 * len(adapters)  # some gates reached 0
+        assert all(a.scale == 8.0 / 4 for a in adapters.values())  # alpha / r_max, also after compaction
+    else:
+        assert ctrl.rounds and sum(kept.values()) > len(adapters)  # grown from init_r = 1
+        assert ctrl.done == finish and len({a.scale for a in adapters.values()}) > 1  # alpha / current rank
+    ids = _ids()
+    want = _logits(model, ids)
+    folder = save_adapter(tmp_path / method, model, cfg, ctrl, task_type="SEQ_CLS")
+    side, peft_cfg = _json(folder / SIDECAR_NAME), _json(folder / CONFIG_NAME)
+    assert side["method"] == method and side["compacted"] is finish and peft_cfg["peft_type"] == "ADALORA"
+    saved = side["rank_pattern"]
+    reserves = {n: sum(1 for st in a.part_status if st == "reserve") for n, a in adapters.items()} \
+        if method == "increlora" else dict.fromkeys(adapters, 0)
+    assert saved == {n: kept[n] + reserves[n] for n in kept}  # IncreLoRA's reserves still act (λ = 1e-5)
+    assert (sum(reserves.values()) > 0) == (method == "increlora" and not finish)
+    assert {k.removesuffix(".lora_E"): sum(v) for k, v in peft_cfg["rank_pattern"].items()} == saved
+    assert load_config(folder) == cfg
+
+    fresh = make_bert(0)
+    loaded = load_adapter(fresh, folder)
+    assert all(type(a) is SVDLinear for a in loaded.values())
+    assert {n: a.r for n, a in loaded.items()} == saved
+    assert {n: a.scale for n, a in loaded.items()} == {n: a.scale for n, a in adapters.items()}
+    torch.testing.assert_close(_logits(fresh, ids), want, atol=1e-6, rtol=0)
+    frozen = from_pretrained(make_bert(0), folder)
+    torch.testing.assert_close(_logits(frozen, ids), want, atol=1e-6, rtol=0)
+
+    ns: dict = {}
+    exec(PEFT_LOADER, ns)
+    got = ns["peft_results"]({method: {"model": "bert", "folder": str(folder), "ids": ids.tolist()}})[method]
+    assert got["cls"] == "PeftModelForSequenceClassification"
+    assert {n: r for n, r in got["ranks"].items() if r} == {n: r for n, r in saved.items() if r}
+    torch.testing.assert_close(torch.tensor(got["logits"]), want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", list(RIVALS))
+def test_rival_saved_without_controller_keeps_every_component(make_bert, tmp_path, method):
+    cfg, model, adapters, _ = _rival_case(make_bert, method, 6)
+    folder = save_adapter(tmp_path / method, model, cfg)
+    assert _json(folder / SIDECAR_NAME)["rank_pattern"] == {n: a.r for n, a in adapters.items()}
+    fresh = make_bert(0)
+    load_adapter(fresh, folder)
+    ids = _ids()
+    torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="has no keep_masks"):
+        save_adapter(tmp_path / "bad", model, cfg, object())
 
 
 # ================================================================================================ integrity

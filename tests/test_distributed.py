@@ -1,5 +1,5 @@
-"""DDP with the allocator: 2 gloo processes on CPU keep the same rank patterns and weights, and match a
-single process that trains on the full global batch."""
+"""DDP with the controllers: 2 gloo processes on CPU keep the same rank patterns and weights (AdaLoRA, SoRA,
+IncreLoRA), and match a single process that trains on the full global batch (AdaLoRA, SoRA)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from adalora import AdaLoRAConfig, LoRAConfig, RankAllocator, inject_adapters, orthogonal_regularization
+from adalora import (
+    AdaLoRAConfig,
+    IncreLoRAConfig,
+    LoRAConfig,
+    RankAllocator,
+    SoRAConfig,
+    adaptive,
+    inject_adapters,
+    inject_method,
+    make_controller,
+    orthogonal_regularization,
+)
 from adalora import distributed as D
 
 WORLD = 2
@@ -32,6 +43,9 @@ SCENARIOS = {
     "perturbed_scores": {"perturb": True},  # rank 1 scores with noise: only the broadcast keeps it in line
 }
 HONEST = [n for n, s in SCENARIOS.items() if not s.get("perturb")]
+# the rivals, 20 steps each; "perturbed": rank 1's own decision is pushed off rank 0's before each sync
+RIVALS = {"sora": {}, "sora_perturbed": {"perturb": True}, "increlora": {}, "increlora_perturbed": {"perturb": True}}
+RIVAL_STEPS = 20
 
 
 def _cfg(adapter: str) -> AdaLoRAConfig:
@@ -112,6 +126,54 @@ def run_scenario(name: str) -> dict:
     return rec
 
 
+def _rival_cfg(name: str):
+    if name.startswith("sora"):
+        return SoRAConfig(r=4, lora_alpha=8.0, target_modules=TARGETS, threshold=3e-3, l1_weight=0.5)
+    return IncreLoRAConfig(init_r=1, target_r=3, lora_alpha=8.0, target_modules=TARGETS, tinit=2, delta_t=3, top_h=1,
+                           incre_rank_num=1, total_steps=RIVAL_STEPS, restart_warmup=2)
+
+
+def run_rival(name: str) -> dict:
+    """The generic loop of adalora.adaptive under DDP (or alone), with sync_controller after every step and DDP
+    rebuilt whenever the controller replaced Parameters."""
+    cfg, lr = _rival_cfg(name), 2e-2
+    model = _model()
+    adapters = inject_method(model, cfg)
+    ctrl = make_controller(adapters, cfg, lr=lr)
+    own = {id(p) for p in adaptive.own_parameters(ctrl)}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad and id(p) not in own], lr=lr)
+    adaptive.attach_optimizer(ctrl, opt)
+    net = D.wrap_ddp(model)
+    version = adaptive.structure_version(ctrl)
+    noise = torch.Generator().manual_seed(100 + D.rank())
+    perturb = RIVALS[name].get("perturb") and D.rank() == 1
+    rec = {"patterns": [], "differed": [], "agree": [], "ddp": net is not model}
+    for t, batch in enumerate(_global_batches()[:RIVAL_STEPS], 1):
+        adaptive.set_lr(ctrl, lr)
+        (x, y), w = D.shard_batch(batch)
+        reg = adaptive.regularization(ctrl)
+        loss = D.weight_loss(F.mse_loss(net(x), y), w)
+        (loss if reg is None else loss + reg).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        if perturb and name.startswith("sora"):  # rank 1's gates take another step than rank 0's
+            for a in adapters.values():
+                a.lora_E.grad.mul_(torch.rand(a.lora_E.shape, generator=noise) * 4)
+        if perturb and name.startswith("increlora") and ctrl.ema_ipt is not None:  # rank 1 scores otherwise
+            ctrl.ema_ipt.mul_(torch.rand(ctrl.ema_ipt.shape, generator=noise) * 4)
+        info = ctrl.step(t)
+        rec["differed"].append(D.sync_controller(ctrl, info))
+        opt.zero_grad()
+        adaptive.zero_grad(ctrl)
+        rec["patterns"].append(ctrl.rank_pattern())
+        rec["agree"].append(D.masks_agree(ctrl))
+        if adaptive.structure_version(ctrl) != version:  # IncreLoRA grew: new Parameters, so a new DDP
+            version = adaptive.structure_version(ctrl)
+            net = D.wrap_ddp(D.unwrap(net))
+    rec["weights"] = {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    return rec
+
+
 def _rank0_module_steps() -> int:
     """A module at rank 0 (as after compacting it away) skips its adapter: DDP must not wait for its grads."""
     torch.manual_seed(0)
@@ -136,6 +198,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         assert (D.rank(), D.world_size(), D.is_main()) == (rank, world, rank == 0)
         results = {name: run_scenario(name) for name in SCENARIOS}
+        results.update({name: run_rival(name) for name in RIVALS})
         results["object"] = D.broadcast_object(f"from rank {rank}")
         results["mean"] = D.mean_across_ranks(float(rank))
         results["rank0_module_steps"] = _rank0_module_steps()
@@ -161,7 +224,7 @@ def ddp_results(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_results():
     assert not D.is_dist()
-    return {name: run_scenario(name) for name in HONEST}
+    return {**{name: run_scenario(name) for name in HONEST}, "sora": run_rival("sora")}
 
 
 def test_helpers_across_ranks(ddp_results):
@@ -203,6 +266,33 @@ def test_sync_corrects_diverging_scores(ddp_results):
     r0, r1 = ddp_results[0]["perturbed_scores"], ddp_results[1]["perturbed_scores"]
     assert not any(r0["differed"])
     assert any(r1["differed"])  # the perturbation did change rank 1's local decision
+
+
+@pytest.mark.parametrize("name", list(RIVALS))
+def test_rival_ranks_agree(ddp_results, name):
+    """SoRA's gates and IncreLoRA's growth are rank 0's on both ranks at every step, weights bit for bit."""
+    r0, r1 = ddp_results[0][name], ddp_results[1][name]
+    assert r0["ddp"] and r1["ddp"]
+    assert r0["patterns"] == r1["patterns"] and all(r0["agree"]) and all(r1["agree"])
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for k in r0["weights"]:
+        assert torch.equal(r0["weights"][k], r1["weights"][k]), k
+    final = sum(r0["patterns"][-1].values())
+    if name.startswith("sora"):
+        assert final < 4 * len(TARGETS)  # gates reached 0
+    else:
+        assert final == 3 * len(TARGETS) and sum(r0["patterns"][0].values()) == len(TARGETS)  # grew to the target
+    assert not any(r0["differed"])  # rank 0 keeps its own decision
+    if name.endswith("perturbed"):
+        assert any(r1["differed"])  # rank 1's own decision was another one, and the sync replaced it
+
+
+def test_sora_ddp_matches_single_process(ddp_results, single_results):
+    d, s = ddp_results[0]["sora"], single_results["sora"]
+    assert not any(d["differed"])
+    assert d["patterns"] == s["patterns"]
+    for k in s["weights"]:
+        torch.testing.assert_close(d["weights"][k], s["weights"][k], atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_single_process_fallbacks():

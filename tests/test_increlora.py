@@ -221,7 +221,12 @@ def test_compact_removes_dead_reserves(make_deep_mlp, batches):
         before = model(x)
     n_opt = sum(len(g["params"]) for g in opt.param_groups)
     version = grower.structure_version
+    masks = grower.keep_masks()  # over all parts' rows: the active ones, not the dead reserves
+    assert {n: m.numel() for n, m in masks.items()} == {n: a.r for n, a in adapters.items()}
+    assert {n: int(m.sum()) for n, m in masks.items()} == grower.rank_pattern()
+    assert any(not m.all() for m in masks.values())
     pattern = grower.compact()
+    assert all(m.all() and m.numel() == pattern[n] for n, m in grower.keep_masks().items())
     assert grower.structure_version == version + 1
     assert all(a.r == pattern[n] == a.n_active for n, a in adapters.items())
     assert sum(len(g["params"]) for g in opt.param_groups) < n_opt

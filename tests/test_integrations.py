@@ -15,7 +15,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adalora import AdaLoRAConfig, RankAllocator, inject_adapters, load_adapter, orthogonal_regularization
+from adalora import (
+    AdaLoRAConfig,
+    IncreLoRAConfig,
+    RankAllocator,
+    SoRAConfig,
+    inject_adapters,
+    inject_method,
+    load_adapter,
+    make_controller,
+    orthogonal_regularization,
+)
+from adalora.increlora import GROUP_KEY, restart_lr_factor
 from adalora.integrations import AdaLoRACallback, AdaLoRATrainer, export_to_peft, import_from_peft, peft_scale
 
 transformers = pytest.importorskip("transformers")
@@ -195,6 +206,162 @@ def test_trainer_resume_restores_allocator_state(make_bert, tmp_path):
     trainer = AdaLoRATrainer(model=model3, args=_args(tmp_path, T, **args), train_dataset=data, allocator=alloc3)
     with pytest.raises(ValueError, match="resuming at optimizer step 5"):
         trainer.train(resume_from_checkpoint=str(ckpt))
+
+
+# ================================================================================================ SoRA, IncreLoRA
+LR = 1e-2
+
+
+def _rival(make_bert, method: str, T: int, **kw):
+    if method == "sora":
+        cfg = SoRAConfig(**{**dict(r=4, lora_alpha=8.0, target_modules=TARGETS, modules_to_save=["classifier"],
+                                   threshold=4e-3, l1_weight=1.0), **kw})
+    else:
+        cfg = IncreLoRAConfig(**{**dict(init_r=1, target_r=3, lora_alpha=8.0, target_modules=TARGETS,
+                                        modules_to_save=["classifier"], tinit=1, delta_t=2, top_h=3,
+                                        incre_rank_num=1, total_steps=T, restart_warmup=2), **kw})
+    model = make_bert(0)
+    torch.manual_seed(100)
+    adapters = inject_method(model, cfg)
+    return model, adapters, make_controller(adapters, cfg, lr=LR)
+
+
+def _record_lrs(ctrl, optimizer_of) -> list:
+    """(t, [lr of every param group], [the step each group was added after]) as the optimizer stepped at t."""
+    calls: list = []
+    step = ctrl.step
+
+    def recording(t=None):
+        groups = optimizer_of().param_groups
+        calls.append((t, [g["lr"] for g in groups], [g.get(GROUP_KEY) for g in groups]))
+        return step(t)
+
+    ctrl.step = recording
+    return calls
+
+
+def test_trainer_drives_sora(make_bert, tmp_path):
+    """The gates stay out of the Trainer's optimizer and are trained by SoRAGates at the main schedule's lr, the
+    L1 term is in every training micro-batch's loss, and gates reach 0 (the kept rank shows in the logs)."""
+    T = 12
+    model, adapters, gates = _rival(make_bert, "sora", T)
+    before = gates.gates()
+    trainer = AdaLoRATrainer(model=model, args=_args(tmp_path, T, warmup_steps=3), train_dataset=_dataset(),
+                             allocator=gates)
+    lrs = _record_lrs(gates, lambda: trainer.optimizer)
+    gate_lrs = []
+    set_lr = gates.set_lr
+    gates.set_lr = lambda lr: (set_lr(lr), gate_lrs.append(gates.gate_lr))
+    trainer.train()
+
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in held for p in gates.own_parameters())
+    assert all(id(a.lora_A) in held and id(a.lora_B) in held for a in adapters.values())
+    assert [t for t, _, _ in lrs] == list(range(1, T + 1))
+    assert gate_lrs == [lr[0] for _, lr, _ in lrs]  # the gates follow the main schedule (sparse_lr = lr)
+    assert gate_lrs[0] < gate_lrs[2] and gate_lrs[-1] < gate_lrs[3]  # warm-up, then the linear decay
+    assert trainer.adalora_callback.regularizer_calls == T * 2
+    after = gates.gates()
+    assert not torch.equal(before, after) and int((after == 0).sum()) > 0
+    assert gates.last_step == T
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert train_logs[-1]["adalora_kept_rank"] == int((after != 0).sum()) == gates.budget
+
+
+def test_plain_trainer_refuses_sora_gates_in_its_optimizer(make_bert, tmp_path):
+    model, _, gates = _rival(make_bert, "sora", 4)
+    trainer = Trainer(model=model, args=_args(tmp_path, 4), train_dataset=_dataset(),
+                      callbacks=[AdaLoRACallback(gates)])
+    with pytest.raises(ValueError, match="holds 6 parameters that SoRAGates trains itself.*AdaLoRATrainer"):
+        trainer.train()
+    assert gates.last_step == 0
+
+
+@pytest.mark.parametrize("warmup", [2, None])
+def test_trainer_drives_increlora_and_the_groups_it_adds(make_bert, tmp_path, warmup):
+    """Growth rounds add param groups mid-run: the Trainer's scheduler is extended to them (torch's LambdaLR would
+    refuse a step otherwise) and every step runs them at the restart warm-up (or, without it, on the main
+    schedule). The grower reaches its target exactly."""
+    T = 10
+    model, adapters, grower = _rival(make_bert, "increlora", T, restart_warmup=warmup)
+    trainer = AdaLoRATrainer(model=model, args=_args(tmp_path, T), train_dataset=_dataset(), allocator=grower)
+    lrs = _record_lrs(grower, lambda: trainer.optimizer)
+    trainer.train()
+
+    assert [t for t, _, _ in lrs] == list(range(1, T + 1))
+    assert [r["step"] for r in grower.rounds] == [3, 5, 7, 9] and grower.done and grower.budget == 3 * N_MODULES
+    assert len(trainer.optimizer.param_groups) == 2 + len(grower.rounds)
+    assert len(trainer.lr_scheduler.base_lrs) == len(trainer.optimizer.param_groups)
+    added = [t for t, lr, at in lrs if len(at) > 2]
+    assert added and added[0] == grower.rounds[0]["step"] + 1
+    for t, lr, at in lrs:
+        assert lr[0] == lr[1] and len(lr) == 2 + sum(r["step"] < t for r in grower.rounds)
+        for g_lr, g_at in zip(lr[2:], at[2:]):
+            want = LR * restart_lr_factor(t, g_at, warmup, T) if warmup is not None else lr[0]
+            assert g_lr == pytest.approx(want, rel=1e-12, abs=1e-15), (t, g_at)
+    assert any(g_lr > 0 for _, lr, _ in lrs for g_lr in lr[2:])
+    held = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in held for a in adapters.values() for p in a.parameters() if p.requires_grad)
+
+
+def test_trainer_resumes_increlora_after_growth(make_bert, tmp_path):
+    """Resuming at step 6, after two growth rounds, ends where the uninterrupted run ends: the grower's state comes
+    back before the Trainer loads the grown weights and the optimizer with its added groups."""
+    T = 10
+    args = dict(save_strategy="steps", save_steps=6)
+    model1, _, grower1 = _rival(make_bert, "increlora", T)
+    AdaLoRATrainer(model=model1, args=_args(tmp_path, T, **args), train_dataset=_dataset(), allocator=grower1).train()
+    ckpt = tmp_path / "checkpoint-6"
+    saved = torch.load(ckpt / "adalora_allocator.pt", weights_only=True)
+    assert len(saved["rounds"]) == 2 and not saved["done"]
+
+    model2, _, grower2 = _rival(make_bert, "increlora", T)
+    calls = _record_steps(grower2)
+    AdaLoRATrainer(model=model2, args=_args(tmp_path, T, **args), train_dataset=_dataset(),
+                   allocator=grower2).train(resume_from_checkpoint=str(ckpt))
+    assert calls == list(range(7, T + 1))
+    assert grower2.rank_pattern() == grower1.rank_pattern() and grower2.rounds == grower1.rounds
+    sd1, sd2 = model1.state_dict(), model2.state_dict()
+    assert sd1.keys() == sd2.keys()
+    assert max((sd1[k] - sd2[k]).abs().max().item() for k in sd1) < 1e-6
+
+    model3, _, grower3 = _rival(make_bert, "increlora", T)
+    trainer = Trainer(model=model3, args=_args(tmp_path, T, **args), train_dataset=_dataset(),
+                      callbacks=[AdaLoRACallback(grower3)])
+    # a plain Trainer loads the weights and the optimizer (with the added groups) before any callback runs
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        trainer.train(resume_from_checkpoint=str(ckpt))
+
+
+def test_callback_refuses_what_the_trainer_cannot_do(make_bert, tmp_path):
+    """One clear error each: IncreLoRA in a distributed Trainer, SoRA under fp16, a controller built for another
+    learning rate or another number of steps."""
+    from types import SimpleNamespace
+
+    def begin(ctrl, max_steps=8, **kw):
+        args = SimpleNamespace(**{**dict(world_size=1, fp16=False, max_steps=max_steps, num_train_epochs=1,
+                                         gradient_accumulation_steps=1), **kw})
+        AdaLoRACallback(ctrl).on_train_begin(args, SimpleNamespace(max_steps=max_steps, global_step=0), None)
+
+    _, _, grower = _rival(make_bert, "increlora", 10)
+    begin(grower, max_steps=10)
+    with pytest.raises(ValueError, match="IncreLoRA under a distributed Trainer"):
+        begin(grower, max_steps=10, world_size=2)
+    _, _, gates = _rival(make_bert, "sora", 8)
+    with pytest.raises(ValueError, match="fp16=True is not supported"):
+        begin(gates, fp16=True)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2 * LR)
+    with pytest.raises(ValueError, match=r"built with lr=0.01 but the Trainer's optimizer peaks at lr=0.02"):
+        AdaLoRACallback(gates).on_train_begin(SimpleNamespace(world_size=1, fp16=False), SimpleNamespace(
+            max_steps=8, global_step=0), None, optimizer=opt)
+    _, _, capped = _rival(make_bert, "sora", 8, target_r=2, total_steps=12)
+    with pytest.raises(ValueError, match=r"SoRAConfig.total_steps=12.*max_steps=8.*total_steps=8"):
+        begin(capped)
+    _, _, staged = _rival(make_bert, "sora", 8, lambda_schedule="linear", max_lambda=1e-2, lambda_num=3,
+                          lambda_stage_steps=2, total_steps=4)
+    begin(staged)  # 4 steps of the main run + 2 stages of 2
+    with pytest.raises(ValueError, match=r"total_steps=4 optimizer steps \+ 4 of later stages.*max_steps=8"):
+        begin(staged, max_steps=9)
 
 
 # ================================================================================================ PEFT format

@@ -137,12 +137,14 @@ def test_merge_equals_unmerged_and_unmerge_restores(adapter, kind):
 
 
 def test_svd_scale_and_masking():
+    """Masking a triplet (what RankAllocator does) is a zero singular value: it drops out of ΔW, shapes stay."""
     layer, ref = _make("svd", "linear")
     assert layer.scale == pytest.approx(4.0 / R)
     _randomise(layer)
-    keep = torch.tensor([True, False, True])
-    layer.apply_rank_mask(keep)
-    assert layer.lora_E[1].item() == 0 and torch.count_nonzero(layer.lora_E[[0, 2]]) == 2
+    full = layer.delta_weight().clone()
+    with torch.no_grad():
+        layer.lora_E[1] = 0.0
+    assert not torch.allclose(layer.delta_weight(), full)
     A, E, B = layer.lora_A, layer.lora_E, layer.lora_B
     expected = (B[:, [0, 2]] @ (A[[0, 2]] * E[[0, 2]])) * (4.0 / R)  # the masked triplet contributes nothing
     torch.testing.assert_close(layer.delta_weight(), expected, atol=1e-6, rtol=1e-5)
@@ -153,12 +155,12 @@ def test_lora_scale_rslora_and_gate():
     plain = LoRALinear(nn.Linear(N_IN, N_OUT), 4, lora_alpha=8.0)
     rs = LoRALinear(nn.Linear(N_IN, N_OUT), 4, lora_alpha=8.0, use_rslora=True)
     assert plain.scale == pytest.approx(2.0) and rs.scale == pytest.approx(4.0)
-    with pytest.raises(RuntimeError, match="rank mask"):
-        plain.apply_rank_mask(torch.ones(4, dtype=torch.bool))
+    assert plain.lora_mask is None  # no gate unless asked for (prune-LoRA)
     gated = LoRALinear(nn.Linear(N_IN, N_OUT), R, lora_alpha=4.0, rank_mask=True)
+    assert torch.equal(gated.lora_mask, torch.ones(R))
     _randomise(gated)
     full = gated.delta_weight().clone()
-    gated.apply_rank_mask(torch.tensor([True, False, True]))
+    gated.lora_mask[1] = 0.0  # what RankAllocator writes for a pruned component
     A, B = gated.lora_A, gated.lora_B
     torch.testing.assert_close(gated.delta_weight(), (B[:, [0, 2]] @ A[[0, 2]]) * gated.scale, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(gated.delta_weight(), full)

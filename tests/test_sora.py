@@ -183,8 +183,10 @@ def test_compact_keeps_outputs_and_slices_optimizer_state(make_mlp, batches):
     old_state = {n: opt.state[a.lora_A]["exp_avg"].clone() for n, a in adapters.items()}
     old_adam = gates.exp_avg[gates.gates() != 0].clone()
     version = gates.structure_version
+    assert not gates.compacted and {n: int(m.sum()) for n, m in gates.keep_masks().items()} == pattern
     assert gates.compact(opt) == pattern
-    assert gates.structure_version == version + 1
+    assert gates.structure_version == version + 1 and gates.compacted
+    assert all(bool(m.all()) for m in gates.keep_masks().values())  # what is left is all in use
     for n, a in adapters.items():
         assert a.r == pattern[n] and a.lora_B.shape == (a.out_features, pattern[n])
         assert torch.equal(opt.state[a.lora_A]["exp_avg"], old_state[n][keep[n]])
@@ -279,6 +281,29 @@ def test_gates_need_a_learning_rate(make_mlp):
     gates = SoRAGates(adapters, SoRAConfig(r=2, target_modules=TARGETS, sparse_lr=2e-3), lr=1e-3)
     gates.set_lr(5e-4)  # the main schedule at half its peak: the gates follow at sparse_lr * 0.5
     assert gates.gate_lr == pytest.approx(1e-3)
+    alone = SoRAGates(adapters, SoRAConfig(r=2, target_modules=TARGETS, sparse_lr=2e-3))
+    assert alone.gate_lr == 2e-3  # sparse_lr throughout; following a schedule needs the main peak lr
+    with pytest.raises(ConfigError, match=r"SoRAGates\(adapters, cfg, lr=<optimizer lr>\)"):
+        alone.set_lr(5e-4)
+
+
+def test_mask_state_carries_gates_moments_and_frozen_mask(make_mlp, batches):
+    """What distributed.sync_controller broadcasts: another controller that takes it holds the same gates, Adam
+    moments and frozen mask, and says whether the set of non-zero gates changed."""
+    data = batches(12)
+    kw = dict(threshold=2e-2, l1_weight=0.5, target_r=2, total_steps=12, tfinal=4)
+    model, adapters, gates, opt = build(make_mlp, **kw)
+    for t in range(1, 11):
+        train_step(model, gates, opt, t, data[t - 1])
+    assert gates.capped and gates.frozen.any()
+    other_model, other_adapters, other, _ = build(make_mlp, seed=1, **kw)
+    state = {k: v.clone() for k, v in gates.mask_state().items()}
+    assert other.set_mask_state(state) is True  # a fresh run's gates are all non-zero
+    assert torch.equal(other.gates(), gates.gates()) and torch.equal(other.frozen, gates.frozen)
+    assert torch.equal(other.exp_avg, gates.exp_avg) and torch.equal(other.exp_avg_sq, gates.exp_avg_sq)
+    assert other.set_mask_state(state) is False and other.rank_pattern() == gates.rank_pattern()
+    with pytest.raises(ValueError, match="compact alike"):
+        other.set_mask_state({**state, "gates": state["gates"][:-1]})
 
 
 def test_on_tiny_bert(make_bert, bert_batch):

@@ -1,8 +1,9 @@
 """Integrations with the Hugging Face ecosystem (see docs/integrations.md).
 
-- ``hf``: ``AdaLoRACallback`` (drives the RankAllocator from ``transformers.Trainer``) and ``AdaLoRATrainer``
-  (adds the orthogonal regularizer to the training loss).
-- ``peft_format``: ``export_to_peft`` / ``import_from_peft``, PEFT's AdaLoRA on-disk format.
+- ``hf``: ``AdaLoRACallback`` (drives an adaptive controller, ``RankAllocator``, ``SoRAGates`` or ``RankGrower``,
+  from ``transformers.Trainer``) and ``AdaLoRATrainer`` (adds the method's loss term and builds the optimizer it
+  needs).
+- ``peft_format``: ``export_to_peft`` / ``import_from_peft``, PEFT's AdaLoRA / LoRA on-disk format.
 
 Names are resolved lazily, so ``import adalora.integrations`` imports neither transformers' Trainer nor peft
 (peft is never imported at all: the PEFT files are written and read with safetensors and json).

@@ -11,7 +11,12 @@ file I/O (``save_adapter`` / ``load_adapter``); this module only builds and read
         and "base_model.model.<module>.<param>" for every module PEFT wraps as a modules_to_save module.
 
 Which PEFT type: ``AdaLoRAConfig(adapter="svd")`` (P Λ Q) is ADALORA; ``LoRAConfig`` and the prune-LoRA variant
-``AdaLoRAConfig(adapter="lora")`` (B A with a rank gate) are LORA, sliced to the kept (ungated) components.
+``AdaLoRAConfig(adapter="lora")`` (B A with a rank gate) are LORA, sliced to the kept (ungated) components. SoRA
+(ΔW = B diag(g) A · α / r) and IncreLoRA (ΔW = P Λ Q · scale over all parts) have the same form, so they are
+ADALORA too: the gate g or Λ is PEFT's ``lora_E``, sliced to the kept components of the controller's
+``keep_masks()`` (SoRA: the non-zero gates; IncreLoRA: the active parts, and while growth is on the reserves too,
+whose fixed λ = 1e-5 still acts on the output). PEFT's schedule fields, which only matter for training with PEFT,
+take the method's nearest values (SoRA: no warm-up, no orthogonal regularizer).
 
 Scale. A loaded PEFT AdaLoRA layer computes ``x (A*E)ᵀ Bᵀ · lora_alpha / (init_r + 1e-5)``:
 ``resize_modules_by_rank_pattern`` builds every module at ``init_r``, shrinks it to ``sum(mask)`` and copies the old
@@ -37,8 +42,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..allocator import RankAllocator
-from ..config import AdaLoRAConfig, ConfigError, LoRAConfig
+from ..adaptive import AdaptiveMethod
+from ..config import AdaLoRAConfig, ConfigError, IncreLoRAConfig, LoRAConfig, SoRAConfig
 from ..inject import find_targets
 from ..layers import AdapterLayer, SVDLinear, is_conv1d
 
@@ -48,6 +53,8 @@ TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS
 # Their weights must be in the file whenever the base model has them, or from_pretrained fails with a KeyError.
 TASK_MODULES_TO_SAVE = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                         "QUESTION_ANS": ("qa_outputs",)}
+METHOD_CONFIGS = (LoRAConfig, AdaLoRAConfig, SoRAConfig, IncreLoRAConfig)
+MethodConfig = LoRAConfig | AdaLoRAConfig | SoRAConfig | IncreLoRAConfig
 _ADALORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A|lora_B|lora_E)(?:\.(?P<adapter>[\w-]+))?$")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<param>lora_A|lora_B)(?:\.(?P<adapter>[\w-]+))?\.weight$")
 
@@ -107,16 +114,21 @@ def _adapters_and_model(model_or_adapters) -> tuple[nn.Module | None, dict[str, 
     raise TypeError(f"needs the model or the adapters dict, got {type(model_or_adapters).__name__}")
 
 
-def kept_indices(adapters: Mapping[str, AdapterLayer], allocator: RankAllocator | None) -> dict[str, torch.Tensor]:
+def kept_indices(adapters: Mapping[str, AdapterLayer], allocator: AdaptiveMethod | None) -> dict[str, torch.Tensor]:
     """{module: indices of the rank components that contribute}, the ones a saved adapter holds.
 
-    SVD: the allocator's kept triplets plus any masked one whose singular value has trained back since the last
-    masking step (it still contributes; from the final phase on the pruned E stay 0); without an allocator, all.
-    Prune-LoRA: the components its gate keeps. Plain LoRA: all.
+    ``allocator``: the method's controller (``RankAllocator``, ``SoRAGates`` or ``RankGrower``), or None.
+    SVD form (AdaLoRA, SoRA, IncreLoRA): the components of ``allocator.keep_masks()`` plus any other whose
+    singular value / gate is not 0, since it still acts on the output (AdaLoRA: a masked triplet trained back
+    since the last masking step, while from the final phase on the pruned E stay 0; IncreLoRA: a reserve while
+    growth is on); without a controller, all. Prune-LoRA: the components its gate keeps. Plain LoRA: all.
     """
+    if allocator is not None and not hasattr(allocator, "keep_masks"):
+        raise TypeError(f"a {type(allocator).__name__} has no keep_masks(): pass the method's controller "
+                        "(RankAllocator, SoRAGates or RankGrower), or None to save every component")
     masks = allocator.keep_masks() if allocator is not None else {}
     if allocator is not None and set(masks) != set(adapters):
-        raise ValueError("the allocator drives other adapters than the ones saved (module names differ)")
+        raise ValueError("the controller drives other adapters than the ones saved (module names differ)")
     out = {}
     for name, a in adapters.items():
         if isinstance(a, SVDLinear):
@@ -203,30 +215,33 @@ def unfold(E: torch.Tensor, ratio: float) -> torch.Tensor:
     return E if ratio == 1.0 or not E.numel() else (E.double() / ratio).to(E.dtype)
 
 
-def build_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: LoRAConfig | AdaLoRAConfig,
-               allocator: RankAllocator | None = None, task_type: str | None = None,
+def build_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: MethodConfig,
+               allocator: AdaptiveMethod | None = None, task_type: str | None = None,
                base_model_name_or_path: str | None = None) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """PEFT's ``(adapter_config dict, tensors)`` for our adapters, plus what PEFT has no field for.
 
-    ``model_or_adapters``: the model that ``inject_adapters`` modified (needed for modules_to_save such as the
-    classifier), or the ``{name: adapter}`` dict it returned. ``allocator``: its keep masks select the triplets.
+    ``model_or_adapters``: the model that ``inject_method`` modified (needed for modules_to_save such as the
+    classifier), or the ``{name: adapter}`` dict it returned. ``cfg``: the LoRAConfig, AdaLoRAConfig, SoRAConfig or
+    IncreLoRAConfig they were built from. ``allocator``: the method's controller; its ``keep_masks()`` select the
+    saved components (see ``kept_indices``).
     The third item is ``{"rank_pattern": {module: kept rank}, "init_ranks": ..., "scales": {module: our scale},
     "peft_scale": PEFT AdaLoRA's scale or None}``; ``load_adapter`` uses it to restore our layers exactly.
     """
     if task_type is not None and task_type not in TASK_TYPES:
         raise ConfigError(f"task_type={task_type!r} is not one of PEFT's task types {TASK_TYPES}. "
                           "Fix: pass one of them, e.g. 'SEQ_CLS', or None for a bare PeftModel.")
-    if not isinstance(cfg, (LoRAConfig, AdaLoRAConfig)):
-        raise TypeError(f"needs the LoRAConfig / AdaLoRAConfig the adapters were built from, got {type(cfg).__name__}")
+    if not isinstance(cfg, METHOD_CONFIGS):
+        raise TypeError(f"needs the LoRAConfig, AdaLoRAConfig, SoRAConfig or IncreLoRAConfig the adapters were built "
+                        f"from, got {type(cfg).__name__}")
     model, adapters = _adapters_and_model(model_or_adapters)
     if not adapters:
-        raise ValueError("no adapters found: call inject_adapters(model, cfg) first")
-    svd = isinstance(cfg, AdaLoRAConfig) and cfg.adapter == "svd"
+        raise ValueError("no adapters found: call inject_method(model, cfg) first")
+    svd = isinstance(cfg, (SoRAConfig, IncreLoRAConfig)) or (isinstance(cfg, AdaLoRAConfig) and cfg.adapter == "svd")
     wrong = [n for n, a in adapters.items() if isinstance(a, SVDLinear) != svd]
     if wrong:
-        raise TypeError(f"{type(cfg).__name__}(adapter={getattr(cfg, 'adapter', 'lora')!r}) does not match the "
-                        f"{type(adapters[wrong[0]]).__name__} adapters at {wrong[:3]}: pass the config they were "
-                        "injected with")
+        what = type(cfg).__name__ + (f"(adapter={cfg.adapter!r})" if isinstance(cfg, AdaLoRAConfig) else "")
+        raise TypeError(f"{what} does not match the {type(adapters[wrong[0]]).__name__} adapters at {wrong[:3]}: "
+                        "pass the config they were injected with")
     kept = kept_indices(adapters, allocator)
     ranks = {n: int(idx.numel()) for n, idx in kept.items()}
     base_names = _base_names(model, adapters) if model is not None else None
@@ -248,12 +263,8 @@ def build_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: L
                 rank_pattern[f"{name}.lora_E"] = keep.tolist()
             else:  # compacted (or built at a smaller rank): the kept triplets are the first ranks[name] slots
                 rank_pattern[f"{name}.lora_E"] = [True] * ranks[name] + [False] * (init_r - ranks[name])
-        total = cfg.total_steps if cfg.total_steps is not None else 1
-        total = max(total, cfg.tinit + cfg.tfinal + 1)  # PEFT's config refuses an empty budget-decreasing phase
         targets = list(adapters)
-        config.update(init_r=init_r, target_r=cfg.target_r, rank_pattern=rank_pattern, tinit=cfg.tinit,
-                      tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1, beta2=cfg.beta2,
-                      orth_reg_weight=cfg.orth_reg_weight, total_step=total)
+        config.update(init_r=init_r, rank_pattern=rank_pattern, **_peft_schedule(cfg, init_r))
     else:
         r, rslora = cfg.init_r, bool(getattr(cfg, "use_rslora", False))
         targets = [n for n in adapters if ranks[n]]
@@ -302,6 +313,23 @@ def build_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: L
     ours = {"rank_pattern": ranks, "init_ranks": {n: a.init_r for n, a in adapters.items()},
             "scales": {n: a.scale for n, a in adapters.items()}, "peft_scale": scale_peft if svd else None}
     return config, tensors, ours
+
+
+def _peft_schedule(cfg, init_r: int) -> dict:
+    """PEFT AdaLoRA's training fields (``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1/2``,
+    ``orth_reg_weight``, ``total_step``) for our config: AdaLoRA's own, the nearest values for SoRA / IncreLoRA."""
+    if isinstance(cfg, SoRAConfig):  # no warm-up, no orthogonal regularizer; PEFT's default EMAs
+        out = dict(target_r=cfg.target_r or init_r, tinit=0, tfinal=cfg.tfinal, deltaT=1, beta1=0.85, beta2=0.85,
+                   orth_reg_weight=0.0)
+    elif isinstance(cfg, IncreLoRAConfig):
+        out = dict(target_r=cfg.target_r, tinit=cfg.tinit, tfinal=0, deltaT=cfg.delta_t, beta1=cfg.beta1,
+                   beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight)
+    else:
+        out = dict(target_r=cfg.target_r, tinit=cfg.tinit, tfinal=cfg.tfinal, deltaT=cfg.delta_t, beta1=cfg.beta1,
+                   beta2=cfg.beta2, orth_reg_weight=cfg.orth_reg_weight)
+    total = cfg.total_steps if cfg.total_steps is not None else 1
+    out["total_step"] = max(total, out["tinit"] + out["tfinal"] + 1)  # PEFT refuses an empty budget-decreasing phase
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- import
@@ -397,8 +425,8 @@ def parse_peft(config: Mapping, tensors: Mapping[str, torch.Tensor], where: str 
 
 
 # ---------------------------------------------------------------------------------------------------- files
-def export_to_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: LoRAConfig | AdaLoRAConfig,
-                   allocator: RankAllocator | None, path: str | os.PathLike,
+def export_to_peft(model_or_adapters: nn.Module | Mapping[str, AdapterLayer], cfg: MethodConfig,
+                   allocator: AdaptiveMethod | None, path: str | os.PathLike,
                    base_model_name_or_path: str | None = None, task_type: str | None = "SEQ_CLS") -> Path:
     """``save_adapter(path, model_or_adapters, cfg, allocator, task_type=..., base_model_name_or_path=...)`` under
     its earlier name and argument order (task_type defaults to ``"SEQ_CLS"`` here). Returns the folder."""
