@@ -1,10 +1,15 @@
-"""Build the backbone for a run: packaged MiniLM (offline), tiny random BERT / GPT-2, any Hub model."""
+"""Build the backbone for a run: packaged MiniLM (offline), tiny random BERT / GPT-2 / Llama, any Hub model."""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 from adalora.config import ConfigError
 
 from .schema import ModelConfig
+
+CAUSAL_KINDS = ("llama", "gpt2", "hub")  # the kinds build_causal_lm builds
 
 
 def minilm_path() -> str:
@@ -97,3 +102,63 @@ def build_classifier(cfg: ModelConfig, num_labels: int, tokenizer):
                           pad_token_id=tokenizer.pad_token_id)
         return GPT2ForSequenceClassification(conf)
     raise ConfigError(f"model.kind={cfg.kind!r}: expected minilm, bert, gpt2, hub (or resmlp with task=planted_rank)")
+
+
+def ensure_eos(tokenizer):
+    """A causal LM learns where an answer ends from an EOS token: borrow [SEP] (BERT-style tokenizers such
+    as the packaged MiniLM one) when there is none; the pad token falls back to EOS."""
+    if tokenizer.eos_token is None and tokenizer.sep_token is not None:
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path!r} has no EOS (nor SEP) token. "
+                          "Fix: model.tokenizer=<a tokenizer with eos_token>")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_causal_lm(cfg: ModelConfig, tokenizer):
+    """A causal LM: a tiny random Llama (kind=llama) or GPT-2 (kind=gpt2) sized by cfg, or any
+    AutoModelForCausalLM (kind=hub, model.path). Weights are fp32; with model.quantize set, a Hub model is
+    read in bf16 (half the transient memory; the workload casts what stays dense back to fp32)."""
+    import torch
+
+    init = {} if cfg.init_std is None else {"initializer_range": cfg.init_std}
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id}
+    if cfg.kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        conf = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                           num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads,
+                           intermediate_size=cfg.intermediate_size, max_position_embeddings=512, **ids, **init)
+        return LlamaForCausalLM(conf)
+    if cfg.kind == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        conf = GPT2Config(vocab_size=len(tokenizer), n_embd=cfg.hidden_size, n_layer=cfg.num_layers,
+                          n_head=cfg.num_heads, n_positions=512, **ids, **init)
+        return GPT2LMHeadModel(conf)
+    if cfg.kind == "hub":
+        if not cfg.path:
+            raise ConfigError("model.path is empty: give a Hub name or a local folder, "
+                              "e.g. model.path=Qwen/Qwen2.5-0.5B")
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if cfg.quantize else torch.float32
+        return _load(AutoModelForCausalLM.from_pretrained, cfg.path, "model.path", dtype=dtype)
+    raise ConfigError(f"model.kind={cfg.kind!r} is not a causal LM: task=instruct takes model=tiny_llama, "
+                      "tiny_gpt2_lm or a Hub causal LM (model=hub_llama model.path=...)")
+
+
+def model_identity(cfg: ModelConfig, model) -> dict:
+    """What identifies the base: its config (and a Hub snapshot's commit). A random model is its config and
+    the run's seed, which the run config records; a local folder's weights are not hashed (gigabytes)."""
+    conf = model.config.to_dict()
+    for volatile in ("_name_or_path", "transformers_version"):
+        conf.pop(volatile, None)
+    out = {"kind": cfg.kind, "class": type(model).__name__,
+           "config_sha256": hashlib.sha256(json.dumps(conf, sort_keys=True, default=str).encode()).hexdigest()}
+    if cfg.kind == "hub":
+        out.update(path=cfg.path, commit=getattr(model.config, "_commit_hash", None))
+    return out

@@ -29,7 +29,8 @@ def no_effect(default=None, factory=None):
 
 @dataclass
 class ModelConfig:
-    """kind: minilm (packaged all-MiniLM-L6-v2, offline) | bert | gpt2 (tiny random) | hub | resmlp (planted task)."""
+    """kind: minilm (packaged all-MiniLM-L6-v2, offline) | bert | gpt2 | llama (tiny random) | hub | resmlp
+    (planted task). task=instruct takes a causal LM: llama, gpt2 (as GPT2LMHeadModel) or hub."""
 
     name: str = "minilm"
     kind: str = "minilm"
@@ -41,6 +42,8 @@ class ModelConfig:
     intermediate_size: int = 128
     target_modules: list = field(default_factory=lambda: list(BERT_TARGETS))
     modules_to_save: list = field(default_factory=lambda: ["classifier"])
+    init_std: Optional[float] = None  # random causal LMs: weight init std (null: transformers' 0.02)
+    quantize: Optional[str] = None  # nf4: the frozen base's linear layers in 4-bit NormalFloat (task=instruct)
 
 
 @dataclass
@@ -59,7 +62,8 @@ class PlantedConfig:
 
 @dataclass
 class TaskConfig:
-    """name: a GLUE task (sst2 rte mrpc cola stsb qnli mnli qqp) or planted_rank."""
+    """name: a GLUE task (sst2 rte mrpc cola stsb qnli mnli qqp), planted_rank or instruct (a causal LM on
+    Alpaca-layout JSONL: train_file, eval_file, or hub_name)."""
 
     name: str = "rte"
     data_dir: Optional[str] = None  # a GLUE-format folder holding <TASK>/train.tsv, dev.tsv
@@ -68,6 +72,17 @@ class TaskConfig:
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     planted: PlantedConfig = field(default_factory=PlantedConfig)
+    # task=instruct: local JSONL files (instruction, optional input, output), or a Hub dataset
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    exact_match_file: Optional[str] = None  # held-out JSONL scored by greedy generation (exact_match metric)
+    hub_name: Optional[str] = None  # e.g. tatsu-lab/alpaca; read when train_file is not set
+    hub_eval_split: Optional[str] = None  # null: hold out the last max_eval_examples (default 500) train rows
+    template: str = "alpaca"  # prompt preset: alpaca | plain
+    prompt_with_input: Optional[str] = None  # override the preset: names {instruction} and {input}
+    prompt_no_input: Optional[str] = None  # override the preset: names {instruction}
+    max_new_tokens: int = 64  # generation length for exact match and samples
+    num_samples: int = 8  # dev records whose generations go to samples.jsonl at the end of a run
 
 
 @dataclass
@@ -337,6 +352,10 @@ def validate_run_config(cfg: RunConfig) -> None:
     if (cfg.task.name == "planted_rank") != (cfg.model.kind == "resmlp"):
         raise ConfigError(f"task={cfg.task.name} with model.kind={cfg.model.kind}: the planted_rank task uses "
                           "model=resmlp, GLUE tasks a text model (minilm, tiny_bert, tiny_gpt2, hub)")
+    _need(cfg.model.quantize in (None, "nf4"), "model.quantize", repr(cfg.model.quantize), "expected nf4 or null",
+          "model.quantize=nf4 (4-bit base), or drop it")
+    _need(cfg.model.quantize is None or t.name == "instruct", "model.quantize", cfg.model.quantize,
+          "a 4-bit base is built for causal LMs only", "task=instruct, or drop model.quantize")
     if cfg.model.kind == "hub" and not cfg.model.path:
         raise ConfigError("model.path is empty: model=hub needs a Hub name or a local folder. "
                           "Fix: e.g. model.path=bert-base-uncased")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,7 +35,10 @@ class Workload:
     # run must have read the same, whatever the config says
     inputs: dict = field(default_factory=dict)
     task_type: str | None = None  # PEFT task type of the exported adapter: SEQ_CLS, CAUSAL_LM or None
-    base_model: str | None = None  # the base model's Hub name or folder, recorded in the adapter's config
+    # called once after the last evaluation, on rank 0, with the trained model and the run folder: the task's
+    # own artefacts (instruct: samples.jsonl of prompt / reference / greedy output)
+    finish: Callable[[nn.Module, Path], object] | None = None
+    base_model: str | None = None  # Hub name or folder of the base, for an export's base_model_name_or_path
 
 
 def to_device(batch, device: torch.device):
@@ -49,6 +53,10 @@ def build_workload(cfg: RunConfig, device: torch.device) -> Workload:
         from .planted import planted_workload
 
         return planted_workload(cfg, device)
+    if cfg.task.name == "instruct":
+        from .causal_lm import causal_lm_workload
+
+        return causal_lm_workload(cfg, device)
     from .glue import glue_workload
 
     return glue_workload(cfg, device)
