@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch is installed first and pinned: an unpinned resolve would pull GBs of CUDA wheels.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[experiments,hub,slurm,notebooks,dev]" $(TORCH)
+	$(BIN)/pip install -q -e ".[experiments,hub,slurm,notebooks,qlora,dev]" $(TORCH)
 	touch $@
 
 setup: $(VENV)/.installed

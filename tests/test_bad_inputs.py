@@ -89,7 +89,8 @@ ROWS = [
         r"lora_alpha=0(\.0)?: must be > 0 .*Fix: use e\.g\. lora_alpha=16"),
     Bad("orth_reg_negative", ("method.orth_reg_weight=-1",), r"orth_reg_weight=-1(\.0)?: must be >= 0\. Fix"),
     Bad("score_typo", ("method.score=ipt2",), r"score='ipt2': unknown score.*Fix: use score='ipt'"),
-    Bad("method_kind_typo", ("method.kind=adaptive",), r"method\.kind='adaptive': expected lora, adalora, sora, increlora or full"),
+    Bad("method_kind_typo", ("method.kind=adaptive",),
+        r"method\.kind='adaptive': expected lora, adalora, sora, increlora or full"),
     Bad("target_modules_typo", ("method.target_modules=[qurey]",),
         r"target_modules: \['qurey'\] match no module of \w+\. 'qurey': did you mean \[[^]]*'query'", sub=True),
     Bad("modules_to_save_typo", ("method.modules_to_save=[clasifier]",),
@@ -129,8 +130,10 @@ ROWS = [
         r"STS-B/train\.tsv:4: .*7\.5.*\[0, 5\]"),
     Bad("max_train_examples_zero", ("task.max_train_examples=0",), r"task\.max_train_examples=0"),
     Bad("max_length_zero", ("task.max_length=0",), r"task\.max_length=0"),
+    # the optional `datasets` extra: offline, or (not installed) the message that names the package
     Bad("hub_offline", ("task=rte", "task.hub=true"),
-        r"could not load glue/rte split 'train\[:64\]' from the HuggingFace Hub .*set `task\.data_dir` \(hub=False\)"),
+        r"could not load glue/rte split 'train\[:64\]' from the HuggingFace Hub .*set `task\.data_dir` \(hub=False\)"
+        r"|hub=True needs the `datasets` package \(pip install datasets\)"),
     # ---- model / task combinations
     Bad("hub_without_path", ("model=hub",), r"model\.path", kind="any", sub=True),
     Bad("hub_path_not_found", ("model=hub", "model.path=/nonexistent/model"), r"model\.path=.*/nonexistent/model"),
@@ -155,6 +158,31 @@ ROWS = [
     Bad("batch_size_zero", ("batch_size=0",), r"batch_size=0"),
     Bad("seed_negative", ("seed=-1",), r"seed=-1"),
     Bad("log_every_zero", ("log_every=0",), r"log_every=0"),
+    Bad("betas_out_of_range", ("optim.betas=[1.5,0.999]",), r"optim\.betas=\[1\.5, 0\.999\]: must be two numbers in"),
+    Bad("betas_one_value", ("optim.betas=[0.9]",), r"optim\.betas=\[0\.9\]: must be two numbers", sub=True),
+    Bad("eps_negative", ("optim.eps=-1",), r"optim\.eps=-1(\.0)?: must be > 0"),
+    Bad("weight_decay_negative", ("optim.weight_decay=-1",), r"optim\.weight_decay=-1(\.0)?: must be >= 0"),
+    Bad("threads_negative", ("threads=-1",), r"threads=-1: must be >= 1 or null", sub=True),
+    Bad("device_mps_missing", ("device=mps",), r"device=mps: no Apple MPS device"),
+    Bad("orth_reg_nan", ("method.orth_reg_weight=nan",), r"method\.orth_reg_weight=nan: NaN and inf are not valid",
+        sub=True),
+    Bad("lr_inf", ("optim.lr=inf",), r"optim\.lr=inf: NaN and inf are not valid"),
+    Bad("planted_dim_zero", ("task=planted_rank", "model=resmlp", "task.planted.dim=0"),
+        r"task\.planted\.dim=0: must be an integer >= 1", sub=True),
+    Bad("planted_n_train_zero", ("task=planted_rank", "model=resmlp", "task.planted.n_train=0"),
+        r"task\.planted\.n_train=0: must be an integer >= 1"),
+    Bad("planted_n_blocks_zero", ("task=planted_rank", "model=resmlp", "task.planted.n_blocks=0"),
+        r"task\.planted\.n_blocks=0: must be an integer >= 1"),
+    Bad("planted_rank_too_big", ("task=planted_rank", "model=resmlp", "task.planted.planted={blocks.0.up:500}"),
+        r"task\.planted\.planted\.blocks\.0\.up=500: a planted rank must be an integer in \[0, min\(dim, hidden\)"),
+    Bad("resume_config_yaml", ("resume={run_a}/config.yaml",),
+        r"resume=.*config\.yaml: .* is not an adalora training checkpoint", sub=True),
+    Bad("resume_empty_file", ("resume={fx}/empty.pt",), r"resume=.*empty\.pt: .* is not an adalora training checkpoint"),
+    Bad("resume_adapter_file", ("resume={run_a}/adapter/adapter_model.safetensors",),
+        r"resume=.*adapter_model\.safetensors: .* is not an adalora training checkpoint"),
+    Bad("resume_crafted_dict", ("resume={fx}/crafted.pt",), r"resume=.*crafted\.pt: .* is not an adalora training"),
+    Bad("init_r_above_module", ("method.init_r=100", "method.target_r=2"),
+        r"init_r|rank.*above|exceeds|min\(in, out\)"),
 ]
 
 
@@ -216,6 +244,8 @@ def write_data_fixtures(root: Path) -> Path:
            STSB_HEADER + _stsb_rows(4))
     _write(root, "stsb_range", "STS-B", STSB_HEADER + _stsb_rows(2) + _stsb_rows(3, "7.5"),
            STSB_HEADER + _stsb_rows(4))
+    (root / "empty.pt").write_bytes(b"")
+    torch.save({"format": "adalora-train-checkpoint", "state": {"step": 1}}, root / "crafted.pt")  # no checksum
     return root
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -66,3 +68,15 @@ def test_fractional_schedule_never_invalid():
         lib = build_method_config(run.method, run.model, total_steps=steps)
         assert lib.tinit + lib.tfinal < steps
         assert lib.init_r == round(1.5 * run.method.target_r)
+
+
+def test_help_names_every_option_and_no_schema():
+    """`train.py --help` lists every option of every group (so a new YAML file must be documented there), no
+    internal `*_schema` entry, and examples."""
+    import yaml
+
+    text = yaml.safe_load((CONF / "hydra" / "help" / "adalora.yaml").read_text())["template"]
+    for group in ("model", "task", "method", "optim", "logger", "paths", "experiment", "debug", "hydra/launcher"):
+        for option in options(group):
+            assert re.search(rf"\b{re.escape(option)}\b", text), f"{group}={option} is missing from --help"
+    assert "_schema" not in text and "== Examples ==" in text

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from adalora.config import ConfigError
 from adalora_lab.loop import TrainingFailed, train

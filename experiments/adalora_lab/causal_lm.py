@@ -81,7 +81,7 @@ def _check_config(cfg: RunConfig) -> None:
 
 
 def causal_lm_workload(cfg: RunConfig, device: torch.device) -> Workload:
-    from .data import _tokenizer_fingerprint
+    from .data import tokenizer_fingerprint
     from .generation import exact_match, generate, write_samples
     from .instruct import PromptTemplate, make_causal_loader, perplexity, response_loss_sums, tokenize_records
     from .models import build_causal_lm, ensure_eos, load_tokenizer, model_identity
@@ -103,7 +103,7 @@ def causal_lm_workload(cfg: RunConfig, device: torch.device) -> Workload:
         for p in model.parameters():  # what stays dense (embeddings, norms, LM head) in fp32, like the adapters
             if type(p).__name__ != "NF4Tensor" and p.is_floating_point():
                 p.data = p.data.float()
-    inputs.update(model=model_identity(cfg.model, model), tokenizer=_tokenizer_fingerprint(tokenizer))
+    inputs.update(model=model_identity(cfg.model, model), tokenizer=tokenizer_fingerprint(tokenizer))
 
     pad = tokenizer.pad_token_id
     train_loader = make_causal_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad)

@@ -476,7 +476,7 @@ def load_task(
 def _load_from_hub(spec: GlueTask, split: str, max_examples: int | None) -> list[Example]:
     try:
         import datasets  # lazy: heavy import, and only needed for hub=True
-    except ImportError as e:  # pragma: no cover - datasets is a dependency
+    except ImportError as e:  # the optional `hub` extra
         raise DataError("hub=True needs the `datasets` package (pip install datasets)") from e
     path, cfg = spec.hf_dataset
     hf_split = spec.hf_splits[split]

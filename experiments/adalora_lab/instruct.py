@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from adalora.config import ConfigError
 
-from .data import DataError, LengthBucketSampler, _tokenizer_fingerprint
+from .data import DataError, LengthBucketSampler, tokenizer_fingerprint
 
 __all__ = [
     "Record",
@@ -284,7 +284,7 @@ def _cache_key(records: Sequence[Record], tokenizer: Any, template: PromptTempla
         h.update(json.dumps([r.instruction, r.input, r.output], ensure_ascii=False).encode("utf-8") + b"\n")
     payload = {"format": CACHE_FORMAT_VERSION, "records": h.hexdigest(), "n": len(records),
                "template": [template.with_input, template.no_input], "max_length": int(max_length),
-               "tokenizer": _tokenizer_fingerprint(tokenizer), "eos": tokenizer.eos_token_id,
+               "tokenizer": tokenizer_fingerprint(tokenizer), "eos": tokenizer.eos_token_id,
                "bos": bos_prefix(tokenizer)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 

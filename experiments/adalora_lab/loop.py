@@ -492,6 +492,8 @@ def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
         else:
             atomic_write(run.dir.model, lambda tmp: torch.save(
                 {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, tmp))
+        if run.work.finish is not None:  # the task's own artefacts (instruct: samples.jsonl)
+            run.work.finish(run.model, run.dir.path)
         _figures(run, summary, log)
         fault_point("finish", run.total_steps)
         run.dir.write_summary(summary)

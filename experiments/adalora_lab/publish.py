@@ -1,48 +1,116 @@
-#!/usr/bin/env python
-"""Copy the small, publishable files of a sweep's run folders into a results folder (no weights, no checkpoints).
+"""Publish a sweep's small files under short canonical paths, with an index (no weights, no checkpoints).
 
     python experiments/collect_results.py SWEEP_DIR DEST_DIR [--figure-of RUN_SUBPATH]
 
-For every run folder under SWEEP_DIR (a folder holding summary.json) it copies, keeping the relative layout:
-config.yaml (the resolved config), summary.json, metrics.jsonl, rank_pattern.json, rank_history.jsonl and
-planted_ranks.json when present; and SWEEP_DIR/multirun.yaml. It never copies checkpoints/, adapter/ or
-model weights, so DEST_DIR can be committed. Runs that did not complete are reported and skipped.
-``--figure-of`` also copies that run's figures/rank_history.png to
-DEST_DIR/rank_history_<task>_<method>_r<r>_seed<s>.png.
+Every completed run folder under SWEEP_DIR is copied to ``DEST_DIR/runs/<task>/<method>_r<r>[_<key>-<value>...]/
+seed<s>/`` with its small files (config.yaml, summary.json, metrics.jsonl, rank_pattern.json,
+rank_history.jsonl, planted_ranks.json, samples.jsonl). The ``<key>-<value>`` parts name the result-affecting
+fields that vary between runs of one task, method and budget besides the seed (``optim.lr-0.003``), so the path
+says what the run was and holds no ``=`` or ``,``. Two runs with the same result-affecting config are one run
+(the first is kept, the other reported). ``DEST_DIR/index.csv`` lists every published run: its path, task,
+method, budget, seed, varied fields, final and best main metric. Runs that did not complete are reported and
+skipped. Rerunning adds new runs and refreshes the index. ``--figure-of`` also copies that run's
+figures/rank_history.png beside the index.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
-from .rundir import SMALL_FILES, SUMMARY
+import yaml
+
+from .rundir import CONFIG, INNER_DIRS, SMALL_FILES, SUMMARY, read_json
+from .schema import flatten, result_fields
+
+__all__ = ["canonical_name", "collect", "main"]
+
+_PATH_FIELDS = ("task.name", "method.name", "method.target_r", "seed")
+INDEX = "index.csv"
+
+
+def _result_config(run: Path) -> dict:
+    """The run's result-affecting fields, flattened (``optim.lr`` -> value)."""
+    cfg = yaml.safe_load((run / CONFIG).read_text()) or {}
+    _, ignored = result_fields()
+    return {k: v for k, v in flatten(cfg).items()
+            if not k.startswith("inputs") and not any(k == s or k.startswith(s + ".") for s in ignored)}
+
+
+def _short(value) -> str:
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
+
+
+def canonical_name(cfg: dict, varied: list[str]) -> str:
+    """``<task>/<method>_r<r>[_<key>-<value>...]/seed<s>`` for a flattened result config."""
+    cell = f"{cfg['method.name']}_r{cfg['method.target_r']}"
+    for key in varied:
+        cell += f"_{key}-{_short(cfg.get(key))}"
+    return f"{cfg['task.name']}/{cell}/seed{cfg['seed']}"
+
+
+def _runs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep_dir.rglob(SUMMARY)
+                  if not set(p.parent.relative_to(sweep_dir).parts) & set(INNER_DIRS))
 
 
 def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
-    """(copied run folders, skipped runs with the reason)."""
-    copied, skipped = [], []
-    for summary in sorted(sweep_dir.rglob(SUMMARY)):
-        run = summary.parent
-        if any(part in ("checkpoints", "adapter") for part in run.relative_to(sweep_dir).parts):
-            continue
-        status = json.loads(summary.read_text()).get("status")
-        if status != "completed":
+    """(published run folders, skipped runs with the reason)."""
+    skipped, good = [], []
+    for run in _runs(sweep_dir):
+        status = (read_json(run / SUMMARY) or {}).get("status")
+        if status != "completed" or not (run / CONFIG).is_file():
             skipped.append(f"{run.relative_to(sweep_dir)}: status {status}")
             continue
-        target = dest / run.relative_to(sweep_dir)
+        good.append((run, _result_config(run)))
+    keys = sorted({k for _, c in good for k in c} - set(_PATH_FIELDS))
+    groups: dict[tuple, list[dict]] = {}  # a field that varies within one (task, method, budget) names the cell
+    for _, c in good:
+        groups.setdefault((c.get("task.name"), c.get("method.name"), c.get("method.target_r")), []).append(c)
+    varied = [k for k in keys if any(len({json.dumps(c.get(k), sort_keys=True, default=str) for c in g}) > 1
+                                     for g in groups.values())]
+    seen: dict[str, Path] = {}
+    copied = []
+    for run, cfg in good:
+        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+        if digest in seen:
+            skipped.append(f"{run.relative_to(sweep_dir)}: the same config as {seen[digest].relative_to(sweep_dir)}")
+            continue
+        seen[digest] = run
+        target = dest / "runs" / canonical_name(cfg, varied)
         target.mkdir(parents=True, exist_ok=True)
         for name in SMALL_FILES:
             if (run / name).is_file():
                 shutil.copy2(run / name, target / name)
         copied.append(target)
-    if (sweep_dir / "multirun.yaml").is_file():
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(sweep_dir / "multirun.yaml", dest / "multirun.yaml")
+    write_index(dest)
     return copied, skipped
+
+
+def write_index(dest: Path) -> Path:
+    """``index.csv`` over every run published under ``dest/runs`` (also earlier ones)."""
+    rows = []
+    for run in _runs(dest / "runs") if (dest / "runs").is_dir() else []:
+        s = read_json(run / SUMMARY) or {}
+        metric = s.get("main_metric")
+        rows.append({"path": str(run.relative_to(dest)), "task": s.get("task"), "method": s.get("method"),
+                     "target_r": s.get("target_r"), "seed": s.get("seed"), "main_metric": metric,
+                     "final": (s.get("final") or {}).get(metric), "best": (s.get("best") or {}).get(metric),
+                     "best_step": (s.get("best") or {}).get("step"), "total_steps": s.get("total_steps")})
+    path = dest / INDEX
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "task", "method", "target_r", "seed", "main_metric", "final",
+                                               "best", "best_step", "total_steps"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def main(argv=None) -> int:
@@ -50,7 +118,7 @@ def main(argv=None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("dest_dir", type=Path)
     parser.add_argument("--figure-of", default=None, help="a run folder, relative to SWEEP_DIR, whose rank "
-                        "history figure is copied beside the tables")
+                        "history figure is copied beside the index")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"collect_results.py: error: {args.sweep_dir} is not a folder", file=sys.stderr)
@@ -62,14 +130,11 @@ def main(argv=None) -> int:
         if not fig.is_file():
             print(f"collect_results.py: error: {fig} does not exist", file=sys.stderr)
             return 2
-        s = json.loads((run / SUMMARY).read_text())
-        name = f"rank_history_{s['task']}_{s['method']}_r{s['target_r']}_seed{s['seed']}.png"
+        s = read_json(run / SUMMARY) or {}
+        name = f"rank_history_{s.get('task')}_{s.get('method')}_r{s.get('target_r')}_seed{s.get('seed')}.png"
         shutil.copy2(fig, args.dest_dir / name)
-    print(f"copied {len(copied)} run folders to {args.dest_dir}; skipped {len(skipped)}")
+    print(f"published {len(copied)} run folders under {args.dest_dir / 'runs'} (index: {args.dest_dir / INDEX}); "
+          f"skipped {len(skipped)}")
     for line in skipped:
         print(f"  skipped {line}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

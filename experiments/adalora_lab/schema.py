@@ -40,7 +40,7 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 128
-    target_modules: list = field(default_factory=lambda: list(BERT_TARGETS))
+    target_modules: Any = field(default_factory=lambda: list(BERT_TARGETS))  # suffixes, "all-linear" or a regex
     modules_to_save: list = field(default_factory=lambda: ["classifier"])
     init_std: Optional[float] = None  # random causal LMs: weight init std (null: transformers' 0.02)
     quantize: Optional[str] = None  # nf4: the frozen base's linear layers in 4-bit NormalFloat (task=instruct)
@@ -226,11 +226,11 @@ def result_fields(cls=None, prefix: str = "") -> tuple[list[str], list[str]]:
     return yes, no
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -243,8 +243,8 @@ def config_diff(saved: dict, current: dict) -> list[str]:
     adding a field never strands the checkpoints of runs in progress."""
     _, ignored = result_fields()
     skip = tuple(ignored)
-    a, b = _flat(saved), _flat(current)
-    defaults = _flat(dataclasses.asdict(RunConfig()))
+    a, b = flatten(saved), flatten(current)
+    defaults = flatten(dataclasses.asdict(RunConfig()))
     out = []
     for k in sorted(set(a) | set(b)):
         if k == "inputs" or k.startswith("inputs.") or any(k == s or k.startswith(s + ".") for s in skip):
