@@ -196,16 +196,16 @@ def test_train_reports_perplexity(model, method, steps, tmp_path):
 
 @pytest.fixture
 def injected(monkeypatch) -> dict:
-    """Filled by the loop's inject_adapters call: the model and its adapters (the loop keeps them local)."""
+    """Filled by the loop's inject_method call: the model and its adapters (the loop keeps them local)."""
     from adalora_lab import loop
 
-    seen, real = {}, loop.inject_adapters
+    seen, real = {}, loop.inject_method
 
     def spy(model, mcfg):
         seen["model"], seen["adapters"] = model, real(model, mcfg)
         return seen["adapters"]
 
-    monkeypatch.setattr(loop, "inject_adapters", spy)
+    monkeypatch.setattr(loop, "inject_method", spy)
     return seen
 
 

@@ -82,8 +82,8 @@ def test_every_method_runs(method, tmp_path):
 
 
 def test_all_linear_from_the_command_line(tmp_path):
-    """model.target_modules=all-linear: every linear layer but the classification head (PEFT's "all-linear")."""
-    run(["model=tiny_bert", "task=rte", "method=lora", "method.target_r=2", "model.target_modules=all-linear"],
+    """model.target_modules=[all-linear]: every linear layer but the classification head (PEFT's "all-linear")."""
+    run(["model=tiny_bert", "task=rte", "method=lora", "method.target_r=2", "model.target_modules=[all-linear]"],
         tmp_path / "run")
     ranks = json.loads((tmp_path / "run" / "rank_pattern.json").read_text())
     assert len(ranks) == 2 * 6 + 1 and "bert.pooler.dense" in ranks  # 6 per layer, and the pooler

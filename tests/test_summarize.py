@@ -219,10 +219,13 @@ def test_collect_results_copies_small_files_only(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "collect_results.py"), str(sweep), str(dest)],
                          capture_output=True, text=True, check=True)
     completed = [p for p in sweep.rglob("summary.json") if json.loads(p.read_text())["status"] == "completed"]
-    assert len(completed) == 23 and "copied 23 run folders" in out.stdout and "skipped 1" in out.stdout
+    assert len(completed) == 23 and "published 23 run folders" in out.stdout and "skipped 1" in out.stdout
     assert {p.name for p in dest.rglob("*") if p.is_file()} == {
         "config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
-        "planted_ranks.json", "multirun.yaml"}
+        "planted_ranks.json", "index.csv"}
+    paths = [str(p.relative_to(dest)) for p in dest.rglob("summary.json")]
+    assert len(paths) == 23 and not [p for p in paths if "=" in p or "," in p]  # canonical: <task>/<cell>/seed<s>
+    assert (dest / "runs" / "rte" / "adalora_r2" / "seed0" / "summary.json").is_file()
     assert summary.summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
 
 

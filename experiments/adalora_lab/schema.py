@@ -40,7 +40,7 @@ class ModelConfig:
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 128
-    target_modules: Any = field(default_factory=lambda: list(BERT_TARGETS))  # suffixes, "all-linear" or a regex
+    target_modules: list = field(default_factory=lambda: list(BERT_TARGETS))  # suffixes, or [all-linear]
     modules_to_save: list = field(default_factory=lambda: ["classifier"])
     init_std: Optional[float] = None  # random causal LMs: weight init std (null: transformers' 0.02)
     quantize: Optional[str] = None  # nf4: the frozen base's linear layers in 4-bit NormalFloat (task=instruct)
@@ -339,7 +339,7 @@ def validate_run_config(cfg: RunConfig) -> None:
         _need(pl.delta_scale > 0, "task.planted.delta_scale", pl.delta_scale, "must be > 0",
               "e.g. task.planted.delta_scale=1.0")
         cap = min(pl.dim, pl.hidden)
-        for module, r in dict(pl.planted).items():
+        for module, r in (dict(pl.planted) or {"(the default pattern, 4 at most)": 4}).items():
             _need(isinstance(r, int) and 0 <= r <= cap, f"task.planted.planted.{module}", r,
                   f"a planted rank must be an integer in [0, min(dim, hidden) = {cap}]",
                   f"give a rank <= {cap}, or widen task.planted.dim / task.planted.hidden")
@@ -408,6 +408,8 @@ def build_method_config(m: MethodConfig, model: ModelConfig, total_steps: int, n
         if f.name in names:  # a preset that sweeps several methods sets each one's fields: the others ignore them
             kwargs[f.name] = v
     targets = m.target_modules if m.target_modules is not None else model.target_modules
+    if not isinstance(targets, str) and len(targets) == 1 and str(targets[0]).lower() == "all-linear":
+        targets = "all-linear"  # a YAML list of the one keyword
     kwargs["target_modules"] = targets if isinstance(targets, str) else list(targets)
     kwargs["modules_to_save"] = list(m.modules_to_save if m.modules_to_save is not None else model.modules_to_save)
     if m.kind == "lora":
