@@ -201,3 +201,19 @@ def test_rerun_of_a_finished_run_reuses_it(tmp_path):
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == files
     with pytest.raises(Exception, match="another config"):  # a changed config is still refused
         run(args + ["optim.lr=0.5"], run_dir)
+
+
+@pytest.mark.slow
+def test_parallel_launcher_shares_the_cores(tmp_path):
+    """With threads unset, each of the parallel launcher's jobs takes cores // jobs threads (recorded in its
+    config.yaml), so that parallel jobs never oversubscribe the machine."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), "-m", "hydra/launcher=parallel", "debug=fast",
+           "model=tiny_bert", "task=rte", "method=lora", "logger=none", "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, check=True, capture_output=True,
+                   timeout=600)
+    import yaml
+
+    threads = [yaml.safe_load(p.read_text())["threads"] for p in sweep.rglob("config.yaml")
+               if p.parent.name != ".hydra"]
+    assert threads == [max(1, (os.cpu_count() or 1) // 2)] * 2

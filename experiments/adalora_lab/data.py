@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -651,7 +652,14 @@ def _run_tokenizer(
     want_tt = "token_type_ids" in getattr(tokenizer, "model_input_names", ["token_type_ids"])
     ids: list[list[int]] = [[] for _ in examples]
     tts: list[list[int]] | None = [[] for _ in examples] if want_tt else None
-    for start in range(0, len(examples), chunk_size):
+    chunks = range(0, len(examples), chunk_size)
+    if len(chunks) > 1:  # a large split (SST-2: 67k examples) says what it is doing, with a bar on a terminal
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=f"tokenizing {len(examples)} examples", unit="chunk", leave=False,
+                      disable=not sys.stderr.isatty())
+        log.info("tokenizing %d examples", len(examples))
+    for start in chunks:
         chunk = range(start, min(start + chunk_size, len(examples)))
         # Single-sentence and pair examples are encoded separately (a task has only one kind).
         for pair in (False, True):
