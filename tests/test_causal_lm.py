@@ -344,3 +344,30 @@ def test_exact_match_normalises():
     assert exact_match(["Cat  dog", "sun"], ["cat dog", "moon"]) == 0.5
     with pytest.raises(ValueError):
         exact_match(["a"], [])
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_run_adapter_loads_in_peft_with_the_same_logits(method, tmp_path):
+    """The adapter/ folder of a causal-LM run is PEFT's format (task type CAUSAL_LM): PeftModel.from_pretrained on
+    the same base gives the logits of our own loaded model, and resuming the finished run reuses it."""
+    peft = pytest.importorskip("peft")
+    from adalora import from_pretrained
+    from adalora_lab.causal_lm import causal_lm_workload
+    from adalora_lab.loop import seed_everything
+
+    cfg = instruct_run([f"method={method}", "method.target_r=2", "max_steps=8", "eval_every=4", "optim.lr=5e-3"])
+    train(cfg, tmp_path / "run")
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["peft_type"] == ("ADALORA" if method == "adalora" else "LORA")
+
+    def base():  # the run's base: a random tiny decoder, built from the run's seed exactly as the run built it
+        seed_everything(cfg.seed)
+        return causal_lm_workload(cfg, torch.device("cpu")).model.eval()
+
+    ours = from_pretrained(base(), tmp_path / "run" / "adapter")
+    theirs = peft.PeftModel.from_pretrained(base(), str(tmp_path / "run" / "adapter")).eval()
+    ids = torch.randint(5, 1000, (2, 12))
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
+    assert (a - b).abs().max().item() < 1e-5
+    assert train(cfg, tmp_path / "run")["status"] == "completed"  # a rerun reuses the finished run
