@@ -155,3 +155,31 @@ def test_wheel_builds_without_warnings_and_ships_py_typed(tmp_path):
     assert "adalora/py.typed" in names and "adalora-0.1.0.dist-info/licenses/LICENSE" in names
     assert "adalora_lab/loop.py" in names  # the experiment package ships beside the library
     assert "License-Expression: MIT" in meta
+
+
+def test_every_library_module_imports_without_the_experiment_extras():
+    """adalora/ is the library alone: each of its modules imports with scipy, sklearn, matplotlib, hydra,
+    omegaconf, wandb and peft unavailable (checked in a fresh interpreter that refuses those imports)."""
+    code = """
+import importlib, importlib.machinery, pkgutil, sys
+BLOCKED = ("scipy", "sklearn", "matplotlib", "hydra", "omegaconf", "wandb", "peft", "adalora_lab")
+class Hide:  # the path finder, blind to the blocked packages: to every importer they are not installed
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+    invalidate_caches = staticmethod(importlib.machinery.PathFinder.invalidate_caches)
+    find_distributions = staticmethod(importlib.machinery.PathFinder.find_distributions)
+sys.meta_path = [Hide if f is importlib.machinery.PathFinder else f for f in sys.meta_path
+                 if "editable" not in type(f).__module__.lower() or "adalora" not in repr(f).lower()]
+import adalora
+names = [m.name for m in pkgutil.walk_packages(adalora.__path__, "adalora.")]
+for name in names:
+    importlib.import_module(name)
+assert not [m for m in sys.modules if m.split(".")[0] in BLOCKED], "a blocked package was imported"
+print(len(names))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) >= 15  # every module was walked
