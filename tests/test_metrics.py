@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from adalora_lab.metrics import MAIN_METRIC, TASK_METRICS, compute_metrics
+from adalora_lab.metrics import MAIN_METRIC, MAJORITY_CLASS, TASK_METRICS, compute_metrics, majority_class_accuracy
 
 ALL_TASKS = ["sst2", "rte", "mrpc", "cola", "stsb", "qnli", "mnli", "qqp"]
 
@@ -140,3 +140,20 @@ def test_accepts_torch_tensors_and_task_spellings():
 def test_bad_inputs_raise(task, preds, labels, match):
     with pytest.raises(ValueError, match=match):
         compute_metrics(task, preds, labels)
+
+
+def test_majority_class_accuracy():
+    assert majority_class_accuracy([0, 1, 1, 1]) == 0.75
+    assert majority_class_accuracy(np.array([2, 0, 2, 1, 2])) == pytest.approx(3 / 5)
+    assert majority_class_accuracy([1]) == 1.0
+    # what predicting that class scores, by compute_metrics
+    labels = np.array([0, 1, 1, 0, 1, 1, 1])
+    assert majority_class_accuracy(labels) == compute_metrics("rte", np.ones(7, dtype=np.int64), labels)["accuracy"]
+    with pytest.raises(ValueError, match="non-empty"):
+        majority_class_accuracy([])
+
+
+def test_majority_class_table_is_the_glue_dev_sets():
+    """The fallback chance levels: SST-2 50.9%, MRPC 68.4%, RTE 52.7% of their full dev sets."""
+    assert {t: round(100 * v, 1) for t, v in MAJORITY_CLASS.items()} == {"sst2": 50.9, "mrpc": 68.4, "rte": 52.7}
+    assert set(MAJORITY_CLASS) <= set(MAIN_METRIC) and all(MAIN_METRIC[t] == "accuracy" for t in MAJORITY_CLASS)

@@ -53,7 +53,12 @@ def test_notebook_runs_on_a_multirun(tmp_path, monkeypatch):
     assert str(root) in texts
     markdown = "".join(o["data"].get("text/markdown", "") for o in outputs if o.output_type == "display_data")
     assert "72.00 ± 2.00" in markdown and "Failed / incomplete runs" in markdown
+    assert "## Paired differences vs LoRA" in markdown and "## Final and best-epoch dev metric" in markdown
     images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o["data"]]
-    assert len(images) == 1 + 4 + 1  # comparison, 4 heat maps, 1 rank history
+    # comparison, budget; learning curves of 2 tasks, LoRA vs AdaLoRA growth at 2 budgets; 4 heat maps; one run:
+    # rank history, learning curves, growth
+    assert len(images) == 2 + 2 + 2 + 4 + 3
     out = root / "summary"
-    assert (out / "summary.md").exists() and (out / "rank_history.png").stat().st_size > 5000
+    assert (out / "summary.md").exists()
+    for name in ("rank_history.png", "run_learning_curves.png", "run_growth.png", "budget_vs_metric.png"):
+        assert (out / name).stat().st_size > 5000

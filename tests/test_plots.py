@@ -160,3 +160,197 @@ def test_imports_neither_hydra_nor_wandb_nor_pyplot():
 def test_heatmap_degenerate_inputs(tmp_path, bad):
     plots.rank_heatmap(bad, tmp_path / "d.png")
     assert (tmp_path / "d.png").exists()
+
+
+# ------------------------------------------------------------------------------------ colours and markers
+
+
+def _hue(c) -> float:
+    from matplotlib.colors import rgb_to_hsv
+
+    return float(rgb_to_hsv(np.array(c[:3]))[0])
+
+
+def test_method_colours_pair_lora_with_adalora_at_each_budget():
+    keys = [("lora", 2), ("lora", 8), ("adalora", 2), ("adalora", 8), ("sora", 2), ("increlora", 2),
+            ("lora optim.lr=0.001", 2), ("adalora optim.lr=0.001", 2), ("full", None)]
+    colours = plots.method_colours(keys)
+    assert set(colours) == set(keys)
+    for r, tag in ((2, ""), (8, ""), (2, " optim.lr=0.001")):
+        lora, ada = colours[f"lora{tag}", r], colours[f"adalora{tag}", r]
+        assert lora != ada and abs(_hue(lora) - _hue(ada)) < 0.03  # one hue ...
+        assert sum(lora[:3]) > sum(ada[:3])  # ... LoRA the light shade, AdaLoRA the dark one
+    hues = [_hue(colours[k]) for k in (("adalora", 2), ("adalora", 8), ("adalora optim.lr=0.001", 2))]
+    assert min(abs(a - b) for i, a in enumerate(hues) for b in hues[i + 1:]) > 0.03  # one hue per budget
+    others = [colours[k] for k in (("sora", 2), ("increlora", 2), ("full", None))]
+    assert len(set(colours.values())) == len(keys) and not set(others) & {colours[k] for k in keys[:4]}
+    markers = plots.method_markers(keys)
+    assert (markers["lora", 2], markers["adalora", 8], markers["full", None]) == ("s", "o", "D")
+    assert markers["sora", 2] != markers["increlora", 2] and markers["lora optim.lr=0.001", 2] == "s"
+
+
+# ------------------------------------------------------------------------------------------ comparison
+
+
+def _comparison_rows():
+    rows = []
+    for k, (method, r) in enumerate((("lora", 2), ("adalora", 2), ("lora", 8), ("adalora", 8))):
+        vals = [0.6 + 0.02 * k + 0.01 * s for s in range(3)]
+        rows.append({"task": "rte", "method": method, "target_r": r, "metric": "accuracy", "is_main": True,
+                     "mean": sum(vals) / 3, "std": 0.01, "n": 3, "higher_is_better": True,
+                     "values": list(enumerate(vals))})
+        rows.append({"task": "planted_rank", "method": method, "target_r": r, "metric": "rank_recovery",
+                     "is_main": False, "mean": 0.3 + 0.1 * k, "std": float("nan"), "n": 1, "higher_is_better": True,
+                     "values": [(0, 0.3 + 0.1 * k)]})
+    return rows
+
+
+def test_comparison_figure_draws_means_seeds_and_the_majority_class():
+    rows = _comparison_rows()
+    fig = plots.comparison_figure(rows, references={("rte", "accuracy"): (0.527, "majority class"),
+                                                    ("planted_rank", "rank_recovery"): (0.25, "uniform")})
+    acc_ax, rec_ax = fig.axes[:2]  # the main metric, then rank_recovery in a panel of its own
+    assert "accuracy (x100)" in acc_ax.get_ylabel() and "rank_recovery (x100)" in rec_ax.get_ylabel()
+    dots = sorted(round(float(y), 6) for c in acc_ax.collections if c.get_offsets().shape[0] == 3
+                  for y in c.get_offsets()[:, 1])
+    assert dots == sorted(round(100 * v, 6) for r in rows if r["metric"] == "accuracy" for _, v in r["values"])
+    points = [c.lines[0] for c in acc_ax.containers]  # the error bars' data lines: one mean each
+    means = [round(float(line.get_ydata()[0]), 6) for line in points]
+    assert sorted(means) == sorted(round(100 * r["mean"], 6) for r in rows if r["metric"] == "accuracy")
+    errs = [c.lines[2][0].get_segments()[0][:, 1] for c in acc_ax.containers]
+    assert all(np.allclose(seg, [m - 1.0, m + 1.0]) for seg, m in zip(errs, means))  # ± std x100
+    refs = [seg for c in acc_ax.collections if hasattr(c, "get_segments")
+            for seg in c.get_segments() if np.allclose(seg[:, 1], 52.7)]
+    assert refs, "no majority-class line at 52.7"
+    assert acc_ax.get_ylim()[0] < 52.7 < acc_ax.get_ylim()[1]
+    # x positions: budget-major, LoRA beside AdaLoRA
+    order = [m for _, m in sorted((float(line.get_xdata()[0]), m) for line, m in zip(points, means))]
+    expected = [round(100 * r["mean"], 6) for r in rows if r["metric"] == "accuracy"]
+    assert order == expected  # rows were given as lora 2, adalora 2, lora 8, adalora 8
+
+
+def test_budget_and_sweep_curve_plots(tmp_path):
+    rows = _comparison_rows()
+    assert plots.budget_plot(rows, tmp_path / "b.png").endswith("b.png")
+    assert (tmp_path / "b.png").stat().st_size > 5000
+    plots.budget_plot([r for r in rows if r["target_r"] == 2], tmp_path / "one.png")  # one budget: a note
+    assert (tmp_path / "one.png").stat().st_size > 0
+    series = [{"method": m, "target_r": 2, "curves": [[(s, 0.5 + 0.01 * s + 0.02 * k + 0.01 * seed) for s in (1, 2, 3)]
+                                                      for seed in range(3)]} for k, m in enumerate(("lora", "adalora"))]
+    plots.sweep_curves_plot(series, tmp_path / "s.png", metric="accuracy", reference=(0.5, "majority class"))
+    assert (tmp_path / "s.png").stat().st_size > 5000
+    plots.sweep_curves_plot([], tmp_path / "s0.png", metric="accuracy")
+    assert (tmp_path / "s0.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------------------- rank history, heat map
+
+
+def _is_int(v: float) -> bool:
+    return abs(v - round(v)) < 1e-9
+
+
+def test_rank_history_figure_panels():
+    """Budget, mean rank per module type, and the module x step map of every rank, on one step axis."""
+    names = [f"bert.encoder.layer.{i}.{s}" for i in range(3) for s in ("intermediate.dense", "attention.self.query")]
+    history = [{"step": step, "budget": 0, "ranks": {n: max(0, 6 - step // 10 - k % 3) for k, n in enumerate(names)}}
+               for step in (0, 10, 20, 30)]
+    for h in history:
+        h["budget"] = sum(h["ranks"].values())
+    fig = plots.rank_history_figure(history, title="t")
+    budget_ax, type_ax, map_ax = fig.axes[:3]
+    np.testing.assert_allclose(budget_ax.lines[0].get_ydata(), [h["budget"] for h in history])
+    query, ffn = names[1::2], names[0::2]  # display order: query before ffn.in
+    assert [line.get_label() for line in type_ax.lines] == ["query", "ffn.in"]
+    for line, group in zip(type_ax.lines, (query, ffn)):
+        np.testing.assert_allclose(line.get_ydata(), [np.mean([h["ranks"][n] for n in group]) for h in history])
+    (mesh,) = map_ax.collections
+    expected = [[h["ranks"][n] for h in history] for n in query + ffn]  # rows by type, layers top to bottom
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(6, 4), expected)
+    assert [t.get_text() for t in map_ax.get_yticklabels()] == ["query", "ffn.in"]
+    for ax in (budget_ax, type_ax):
+        assert ax.get_ylim()[0] == 0 and all(_is_int(t) for t in ax.get_yticks())
+    assert budget_ax.get_ylim()[1] >= history[0]["budget"]
+    assert map_ax.get_xlim()[0] == 0 and map_ax.get_xlim()[1] > 30  # the last record holds a little
+
+
+@pytest.mark.parametrize("steps", [(0, 300), (0,)])
+def test_rank_history_figure_of_constant_ranks(steps):
+    """LoRA: a flat budget on an axis from 0, and one bar per module type with its rank: no degenerate axis."""
+    ranks = {"blocks.0.up": 2, "blocks.0.down": 2, "blocks.1.up": 2, "blocks.1.down": 2}
+    history = [{"step": s, "budget": 8, "ranks": ranks} for s in steps]
+    fig = plots.rank_history_figure(history)
+    budget_ax, bar_ax = fig.axes[:2]
+    lo, hi = budget_ax.get_ylim()
+    assert lo == 0 and hi > 8 and budget_ax.get_xlim()[1] > budget_ax.get_xlim()[0]
+    assert [p.get_height() for p in bar_ax.patches] == [2, 2]
+    assert [t.get_text() for t in bar_ax.get_xticklabels()] == ["up", "down"]
+    assert bar_ax.get_ylim()[0] == 0 and bar_ax.get_ylim()[1] > 2
+    assert all(_is_int(t) for ax in (budget_ax, bar_ax) for t in ax.get_yticks())
+
+
+def test_rank_heatmap_bars_sum_each_layer_by_module_type():
+    pattern = _bert_pattern(4)
+    fig = plots.rank_heatmap_figure(pattern, title="rte / adalora / target_r=2 / seed 0")
+    heat, bars = fig.axes[:2]
+    assert (heat.get_ylabel(), heat.get_xlabel(), bars.get_xlabel()) == ("module type", "layer", "layer")
+    mat, layers, types = plots.rank_matrix(pattern)
+    tops = {}
+    for p in bars.patches:
+        x = round(p.get_x() + p.get_width() / 2)
+        tops[x] = max(tops.get(x, 0.0), p.get_y() + p.get_height())
+    assert [tops[j] for j in range(len(layers))] == pytest.approx(np.nansum(mat, axis=0).tolist())
+    assert len(bars.patches) == len(types) * len(layers)
+    assert fig.get_suptitle() == "rte / adalora / target_r=2 / seed 0"
+
+
+# ------------------------------------------------------------------------------ growth, curves, one run
+
+
+def _evals(adalora: bool) -> list[dict]:
+    out = []
+    for step in (10, 20, 30):
+        e = {"step": step, "accuracy": 0.5 + step / 100, "eval_loss": 0.7}
+        for t, size in (("ffn.in", 3.0), ("query", 1.0)):
+            e[f"sigma_max/{t}"] = size * step / 100
+            if adalora:
+                e[f"scale_lambda_max/{t}"] = size * step / 90
+        if adalora:
+            e["growth_bound"] = step / 10
+        out.append(e)
+    return out
+
+
+def test_growth_figure():
+    """One log axis: per module type sigma_max then scale * max|lambda|, then the bound scale * sum(lr)."""
+    fig = plots.growth_figure(_evals(adalora=True))
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log"
+    lines = [line.get_ydata() for line in ax.lines]
+    assert len(lines) == 2 * 2 + 1
+    np.testing.assert_allclose(lines[0], [0.1, 0.2, 0.3])  # query (display order) sigma_max
+    np.testing.assert_allclose(lines[1], [1 / 9, 2 / 9, 3 / 9])  # query scale * max|lambda|
+    np.testing.assert_allclose(lines[2], [0.3, 0.6, 0.9])  # ffn.in sigma_max
+    np.testing.assert_allclose(lines[4], [1.0, 2.0, 3.0])  # the bound
+    assert ax.lines[0].get_color() == ax.lines[1].get_color() != ax.lines[2].get_color()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["query", "ffn.in", "σ_max(ΔW)", "scale·max|λ|", "bound scale·Σlr"]
+    assert len(plots.growth_figure(_evals(adalora=False)).axes[0].lines) == 2  # LoRA: sigma_max only
+    assert plots.growth_types([{"step": 1}]) == []
+
+
+def test_run_figures_writes_every_figure_of_a_run(tmp_path):
+    from fake_runs import write_run
+
+    pattern = {"bert.encoder.layer.0.attention.self.query": 2, "bert.encoder.layer.0.intermediate.dense": 1}
+    run = write_run(tmp_path / "run", task="rte", method="adalora", target_r=2, seed=0, final={"accuracy": 0.8},
+                    rank_pattern=pattern, history=True, evals=_evals(adalora=True))
+    summary = {"task": "rte", "method": "adalora", "target_r": 2, "seed": 0, "main_metric": "accuracy"}
+    paths = plots.run_figures(run, summary)
+    assert [Path(p).name for p in paths] == ["rank_heatmap.png", "rank_history.png", "learning_curves.png",
+                                             "growth.png"]
+    assert all(Path(p).parent == run / "figures" and Path(p).stat().st_size > 5000 for p in paths)
+    assert plots.run_title(summary) == "rte / adalora / target_r=2 / seed 0"
+    assert plots.run_title({"task": "rte", "method": "full", "target_r": None, "seed": 1}) == "rte / full / seed 1"
+    plain = write_run(tmp_path / "full", task="rte", method="full", target_r=2, seed=0, final={"accuracy": 0.8})
+    assert [Path(p).name for p in plots.run_figures(plain, summary)] == ["learning_curves.png"]

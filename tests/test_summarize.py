@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 from adalora_lab import plots, summary
-from fake_runs import ACC, PLANTED, adalora_pattern, expected_mean_pattern, make_multirun, write_run
+from fake_runs import (
+    ACC,
+    BEST_BONUS,
+    GAIN,
+    LOSS,
+    LOSS_BEFORE,
+    PLANTED,
+    adalora_pattern,
+    expected_mean_pattern,
+    make_multirun,
+    write_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "summarize.py"
@@ -55,7 +66,7 @@ def test_means_and_sample_stds(summarized):
         assert row["is_main"] and row["higher_is_better"]
     row = _row(rows, "planted_rank", "adalora", 4, "distill_loss")
     assert (row["n"], row["higher_is_better"]) == (2, False)
-    assert row["mean"] == pytest.approx(0.006) and row["std"] == pytest.approx(math.sqrt(2) * 0.001)
+    assert row["mean"] == pytest.approx(0.0065) and row["std"] == pytest.approx(math.sqrt(2) * 0.0015)
     row = _row(rows, "planted_rank", "adalora", 2, "rank_recovery")
     assert not row["is_main"] and row["mean"] == pytest.approx(0.6) and row["std"] == pytest.approx(0.1)
     assert _row(rows, "rte", "lora", 2, "accuracy")["trainable_params"] == 1_002_000
@@ -77,7 +88,7 @@ def test_markdown_table(summarized):
     # losses as-is, 4 significant digits; lower is better
     assert "| 0.03 ± 0.01 |" in table["lora 2"]
     assert "| 0.01334 ± 0.001 |" in table["adalora 2"]
-    assert "| **0.006 ± 0.001414** |" in table["adalora 4"]
+    assert "| **0.0065 ± 0.002121** |" in table["adalora 4"]
     # rank_recovery column, seeds, params, wall time
     assert "| 60.00 ± 10.00 |" in table["adalora 2"] and "| 25.00 ± 0.00 |" in table["lora 2"]
     assert "| 3 |" in table["lora 2"]
@@ -97,7 +108,7 @@ def test_single_seed_shows_n1(tmp_path):
     (row,) = result["rows"]
     assert row["n"] == 1 and math.isnan(row["std"])
     with open(tmp_path / "o" / "summary.csv") as f:
-        (rec,) = list(csv.DictReader(f))
+        (rec,) = [r for r in csv.DictReader(f) if (r["stat"], r["which"]) == ("value", "final")]
     assert rec["std"] == "" and rec["n"] == "1"
 
 
@@ -118,8 +129,10 @@ def test_csv(summarized):
         recs = list(csv.DictReader(f))
     assert list(recs[0])[:10] == ["task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params",
                                   "adapter_params", "wall_time_s"]
-    by = {(r["task"], r["method"], r["target_r"], r["metric"]): r for r in recs}
-    assert len([r for r in recs if r["is_main"] == "True"]) == 8
+    values = [r for r in recs if r["stat"] == "value"]
+    assert {r["which"] for r in values} == {"final", "best"}
+    by = {(r["task"], r["method"], r["target_r"], r["metric"]): r for r in values if r["which"] == "final"}
+    assert len([r for r in values if r["is_main"] == "True" and r["which"] == "final"]) == 8
     rec = by["rte", "lora", "4", "accuracy"]
     assert float(rec["adapter_params"]) == float(rec["trainable_params"]) // 2  # the fake runs' final budget
     assert float(rec["mean"]) == pytest.approx(0.67) and float(rec["std"]) == pytest.approx(math.sqrt(0.0007))
@@ -133,12 +146,18 @@ def test_figures(summarized):
     _, out, result = summarized
     files = result["files"]
     assert Path(files["comparison"]) == out / "comparison.png"
-    assert (out / "comparison.png").stat().st_size > 5000
+    assert Path(files["budget"]) == out / "budget_vs_metric.png"  # two budgets
     names = sorted(Path(p).name for p in files["heatmaps"])
     assert names == sorted(f"rank_heatmap_{t}_adalora_r{r}.png" for t in ("rte", "planted_rank") for r in (2, 4))
-    for p in files["heatmaps"]:
+    assert [Path(p).name for p in files["learning_curves"]] == ["learning_curves_rte.png",
+                                                                 "learning_curves_planted_rank.png"]
+    # LoRA vs AdaLoRA sigma_max for the smallest seed; the planted runs logged no diagnostic
+    assert [Path(p).name for p in files["growth"]] == ["growth_rte_r2_seed0.png", "growth_rte_r4_seed0.png"]
+    pngs = [files["comparison"], files["budget"], *files["heatmaps"], *files["learning_curves"], *files["growth"]]
+    for p in pngs:
         assert Path(p).stat().st_size > 5000
-    assert "![comparison](comparison.png)" in result["markdown"]
+        assert f"![{Path(p).stem}]({Path(p).name})" in result["markdown"]
+    assert sorted(x.name for x in out.glob("*.png")) == sorted(Path(p).name for p in pngs)
 
 
 def test_aggregate_heatmap_values(summarized):
@@ -202,7 +221,8 @@ def test_by_splits_rows_by_a_config_value(tmp_path):
                                                 f"optim:\n  lr: {lr}\n")
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "sweep"), "--by", "optim.lr", "--no-plots"],
                          capture_output=True, text=True, check=True)
-    rows = {(r["method"], r["n"]): float(r["mean"]) for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))}
+    rows = {(r["method"], r["n"]): float(r["mean"]) for r in csv.DictReader(open(tmp_path / "sweep" / "summary.csv"))
+            if (r["stat"], r["which"]) == ("value", "final")}
     assert rows == pytest.approx({("lora optim.lr=0.001", "2"): 0.65, ("lora optim.lr=0.003", "2"): 0.5,
                                   ("adalora optim.lr=0.001", "2"): 0.85})
     assert "| lora optim.lr=0.003 | 2 | 50.00 ± 0.00 |" in out.stdout
@@ -240,3 +260,166 @@ def test_allocation_rows_mean_rank_by_type_and_layer(summarized):
                                           "ffn.in": (2 + 0) / 2})
     assert a["by_layer"] == pytest.approx({0: (2 + 7 / 3 + 2 - 2 / 3 + 2) / 3, 1: (2 + 2 + 0) / 3})
     assert "## Where the budget went" in result["markdown"]
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+T975 = {1: 12.706204736174707, 2: 4.302652729911275}  # Student t 97.5% quantiles (a t table), df 1 and 2
+
+
+def _t_sf_two_sided(t: float, df: int) -> float:
+    """Two-sided p of a t statistic in closed form: df=1 (Cauchy) 1 - 2/pi atan|t|, df=2 1 - |t|/sqrt(2 + t^2)."""
+    t = abs(t)
+    return 1 - 2 / math.pi * math.atan(t) if df == 1 else 1 - t / math.sqrt(2 + t * t)
+
+
+def _by_hand(diffs: list[float]) -> tuple[float, float, float, float]:
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = T975[n - 1] * sd / math.sqrt(n)
+    return mean, mean - half, mean + half, _t_sf_two_sided(mean / (sd / math.sqrt(n)), n - 1)
+
+
+def _pair(items, task, method, r, metric):
+    (d,) = [x for x in items if (x["task"], x["method"], x["target_r"], x["metric"]) == (task, method, r, metric)]
+    return d
+
+
+def test_paired_differences_vs_lora_by_hand(summarized):
+    """AdaLoRA − LoRA paired by seed: mean, 95% Student-t interval and p-value against the hand computation."""
+    _, out, result = summarized
+    d = _pair(result["paired"], "rte", "adalora", 4, "accuracy")
+    diffs = [a - b for a, b in zip(ACC["adalora", 4], ACC["lora", 4])]  # 0.10, 0.09, 0.08
+    mean, lo, hi, p = _by_hand(diffs)
+    assert (d["n"], d["seeds"], d["baseline"], d["which"]) == (3, [0, 1, 2], "lora", "final")
+    assert (d["mean"], d["ci_low"], d["ci_high"], d["p_value"]) == pytest.approx((mean, lo, hi, p))
+    assert d["std"] == pytest.approx(0.01) and lo > 0 and d["significant"] and d["favours"] == "adalora"
+
+    # a loss (lower is better) with a failed seed: only seeds 0 and 1 are paired
+    d = _pair(result["paired"], "planted_rank", "adalora", 4, "distill_loss")
+    mean, lo, hi, p = _by_hand([LOSS["adalora", 4][s] - LOSS["lora", 4][s] for s in (0, 1)])
+    assert (d["n"], d["seeds"]) == (2, [0, 1])
+    assert (d["mean"], d["ci_low"], d["ci_high"], d["p_value"]) == pytest.approx((mean, lo, hi, p))
+    assert hi < 0 and d["significant"] and d["favours"] == "adalora"
+
+    # the best epoch: LoRA r=2's best evaluation is its first (BEST_BONUS above the final value)
+    d = _pair(result["paired_best"], "rte", "adalora", 2, "accuracy")
+    assert d["which"] == "best" and d["mean"] == pytest.approx(
+        sum(a - (b + BEST_BONUS["lora", 2]) for a, b in zip(ACC["adalora", 2], ACC["lora", 2])) / 3)
+    assert not any(x["method"] == "lora" for x in result["paired"])
+
+    md = result["markdown"].split("## Paired differences vs LoRA")[1].split("\n## ")[0]
+    line = next(x for x in md.splitlines() if x.startswith("| rte | accuracy | adalora − lora | 4 |"))
+    mean, lo, hi, p = _by_hand(diffs)
+    assert f"| 3 (0, 1, 2) | {100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] | {p:.3f} | **yes** (adalora) |" \
+        in line
+    with open(out / "summary.csv") as f:
+        recs = [r for r in csv.DictReader(f) if r["stat"] == "diff_vs_lora" and r["which"] == "final"]
+    rec = next(r for r in recs if (r["task"], r["method"], r["target_r"]) == ("rte", "adalora", "4"))
+    assert (float(rec["ci_low"]), float(rec["ci_high"]), float(rec["p_value"])) == pytest.approx((lo, hi, p))
+    assert (rec["baseline"], rec["n"], rec["significant"]) == ("lora", "3", "True")
+
+
+def test_paired_stats_small_and_degenerate():
+    one = summary.paired_stats([0.1])
+    assert one["n"] == 1 and one["mean"] == pytest.approx(0.1) and one["significant"] is None
+    assert math.isnan(one["ci_low"]) and math.isnan(one["p_value"]) and one["note"] == "n<2: no CI"
+    assert summary.paired_stats([])["note"] == "no seed in both"
+    same = summary.paired_stats([0.25, 0.25, 0.25])
+    assert (same["ci_low"], same["ci_high"], same["significant"]) == (0.25, 0.25, True)
+    assert same["note"] == "all differences equal"
+    mean, lo, hi, p = _by_hand([1.0, -1.0, 3.0])
+    st = summary.paired_stats([1.0, -1.0, 3.0])
+    assert (st["ci_low"], st["ci_high"], st["p_value"]) == pytest.approx((lo, hi, p)) and not st["significant"]
+
+
+def test_paired_uses_only_seeds_in_both(tmp_path):
+    """LoRA has seeds 0, 1 and AdaLoRA 1, 2: one pair (seed 1), reported as n<2 with no interval."""
+    root = tmp_path / "sweep"
+    for method, seeds in (("lora", (0, 1)), ("adalora", (1, 2))):
+        for seed in seeds:
+            write_run(root / f"{method}{seed}", task="rte", method=method, target_r=2, seed=seed,
+                      final={"accuracy": 0.5 + 0.1 * seed + (0.05 if method == "adalora" else 0.0)})
+    result = summary.summarize(root, plots_=False)
+    (d,) = result["paired"]
+    assert (d["seeds"], d["n"], d["significant"]) == ([1], 1, None) and d["mean"] == pytest.approx(0.05)
+    assert "| 1 (1) | +5.00 (n=1, no CI) | - | n<2: no CI |" in result["markdown"]
+
+
+def test_plateau_check(summarized):
+    """The mean last-eval gain per cell: GAIN x100 points for rte, 1/3 of the previous loss (in %) for the loss."""
+    _, _, result = summarized
+    gains = {(g["task"], g["method"], g["target_r"]): g for g in result["plateau"]}
+    for (method, r), gain in GAIN.items():
+        g = gains["rte", method, r]
+        assert (g["mean"], g["n"], g["unit"]) == (pytest.approx(100 * gain), 3, "points")
+        assert g["still_improving"] == (100 * gain > summary.PLATEAU_POINTS)
+    g = gains["planted_rank", "adalora", 4]
+    assert (g["mean"], g["n"], g["unit"]) == (pytest.approx(100 * (1 - 1 / LOSS_BEFORE)), 2, "%")
+    md = result["markdown"].split("## Final and best-epoch dev metric")[1].split("\n## ")[0]
+    assert "| rte | lora | 2 | 3 | 62.00 ± 2.00 | 64.00 ± 2.00 | +1.00 ± 0.00 pts (n=3) | **yes** |" in md
+    assert "| rte | lora | 4 | 3 | 67.00 ± 2.65 | 67.00 ± 2.65 | +0.20 ± 0.00 pts (n=3) | no |" in md
+
+
+def test_eval_records_keep_the_last_write_per_step():
+    recs = [{"split": "eval", "step": 5, "a": 1}, {"split": "train", "step": 4}, {"split": "eval", "step": 3, "a": 0},
+            {"split": "eval", "step": 5, "a": 2}]
+    assert summary.eval_records(recs) == [{"split": "eval", "step": 3, "a": 0}, {"split": "eval", "step": 5, "a": 2}]
+
+
+def _lr_sweep(root: Path, accs: dict) -> Path:
+    for (method, lr), values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(root / f"{method}_{lr}" / f"seed={seed}", task="rte", method=method, target_r=2, seed=seed,
+                      final={"accuracy": acc}, lr=lr)
+    return root
+
+
+def test_grid_check_and_numeric_order_of_by_values(tmp_path):
+    """--by optim.lr: rows in numeric lr order; the best lr of each method flagged when it is at an edge."""
+    accs = {("lora", 0.001): [0.6, 0.6], ("lora", 3e-05): [0.5, 0.6], ("lora", 0.0003): [0.7, 0.8],
+            ("adalora", 3e-05): [0.5, 0.5], ("adalora", 0.001): [0.9, 0.9], ("adalora", 0.0003): [0.6, 0.6]}
+    result = summary.summarize(_lr_sweep(tmp_path / "sweep", accs), plots_=False, by=["optim.lr"])
+    labels = [line.split("|")[1].strip() for line in result["table"].splitlines()[2:]]
+    assert labels == [f"{m} optim.lr={lr}" for m in ("lora", "adalora") for lr in (3e-05, 0.0003, 0.001)]
+    grid = {g["method"]: g for g in result["grid"]}
+    assert grid["lora"]["grid"] == [3e-05, 0.0003, 0.001] and grid["lora"]["best_value"] == 0.0003
+    assert grid["lora"]["edge"] == "no" and grid["lora"]["best_mean"] == pytest.approx(0.75)
+    assert (grid["adalora"]["best_value"], grid["adalora"]["edge"]) == (0.001, "high")
+    assert "## Grid check" in result["markdown"] and "**yes (high edge)**" in result["markdown"]
+    # paired at the same lr
+    d = next(x for x in result["paired"] if x["method"] == "adalora optim.lr=0.001")
+    assert d["baseline"] == "lora optim.lr=0.001" and d["mean"] == pytest.approx(0.3)
+    assert summary.summarize(tmp_path / "sweep", plots_=False)["grid"] == []
+
+
+def test_method_order(tmp_path):
+    """LoRA, then AdaLoRA and its variants, then the rivals; full fine-tuning first; unknown methods last."""
+    methods = ["zzz_custom", "sora", "increlora", "adalora_no_orth", "svd_lora", "lora", "adalora", "full"]
+    for m in methods:
+        write_run(tmp_path / "sweep" / m, task="rte", method=m, target_r=2, seed=0, final={"accuracy": 0.6})
+    result = summary.summarize(tmp_path / "sweep", plots_=False)
+    assert [line.split("|")[1].strip() for line in result["table"].splitlines()[2:]] == [
+        "full", "lora", "adalora", "adalora_no_orth", "svd_lora", "sora", "increlora", "zzz_custom"]
+    assert [d["method"] for d in result["paired"]] == [
+        "full", "adalora", "adalora_no_orth", "svd_lora", "sora", "increlora", "zzz_custom"]
+
+
+def test_majority_class_reference(tmp_path, summarized):
+    """From the dev labels when the run's data folder is here (its first max_eval_examples), else the table."""
+    dev = tmp_path / "glue" / "RTE" / "dev.tsv"
+    dev.parent.mkdir(parents=True)
+    labels = ["entailment", "entailment", "not_entailment", "not_entailment", "not_entailment", "not_entailment",
+              "not_entailment"]
+    dev.write_text("index\tsentence1\tsentence2\tlabel\n" + "".join(f"{i}\ta\tb\t{y}\n" for i, y in enumerate(labels)))
+    for limit, expected in (("null", 5 / 7), (4, 0.5)):
+        folder = write_run(tmp_path / f"sweep{limit}" / "run", task="rte", method="lora", target_r=2, seed=0,
+                           final={"accuracy": 0.6})
+        (folder / "config.yaml").write_text(f"method:\n  name: lora\ntask:\n  name: rte\n"
+                                            f"  data_dir: {dev.parent.parent}\n  max_eval_examples: {limit}\nseed: 0\n")
+        refs = summary.summarize(folder.parent, plots_=False)["references"]
+        assert refs == {("rte", "accuracy"): (pytest.approx(expected), "majority class")}
+    _, _, result = summarized  # no data folder: the full RTE dev set's majority class; the uniform allocation
+    assert result["references"]["rte", "accuracy"] == (pytest.approx(146 / 277), "majority class")
+    assert result["references"]["planted_rank", "rank_recovery"] == (pytest.approx(0.25), "uniform allocation")

@@ -34,7 +34,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-__all__ = ["TASK_METRICS", "MAIN_METRIC", "REGRESSION_TASKS", "compute_metrics"]
+__all__ = ["TASK_METRICS", "MAIN_METRIC", "REGRESSION_TASKS", "MAJORITY_CLASS", "compute_metrics",
+           "majority_class_accuracy"]
 
 TASK_METRICS: dict[str, list[str]] = {
     "sst2": ["accuracy"],
@@ -158,3 +159,18 @@ def compute_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict[st
         else:  # pragma: no cover - guarded by TASK_METRICS
             raise AssertionError(metric)
     return out
+
+
+MAJORITY_CLASS: dict[str, float] = {"sst2": 444 / 872, "mrpc": 279 / 408, "rte": 146 / 277}
+"""Dev accuracy of always predicting the most frequent dev label, for the full GLUE dev sets: SST-2 50.9%
+(444 positive of 872), MRPC 68.4% (279 equivalent of 408), RTE 52.7% (146 not_entailment of 277). The chance
+level drawn in comparisons when the dev labels themselves are not at hand."""
+
+
+def majority_class_accuracy(labels) -> float:
+    """Accuracy of always predicting the most frequent of ``labels`` (class ids, shape (N,))."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty (N,) array, got shape {labels.shape}")
+    _, counts = np.unique(labels, return_counts=True)
+    return float(counts.max() / labels.size)

@@ -1,23 +1,43 @@
 #!/usr/bin/env python
-"""Summarize a sweep of AdaLoRA runs: a mean ± std table, a comparison plot and aggregate rank heat maps.
+"""Summarize a sweep of AdaLoRA runs: tables with paired statistics, and figures.
 
     python experiments/summarize.py MULTIRUN_DIR [--out DIR] [--which final|best] [--by KEY ...] [--no-plots]
 
 Walks MULTIRUN_DIR for run folders (any folder holding ``summary.json``, ``config.yaml``, ``metrics.jsonl``
 or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--out`` (default MULTIRUN_DIR):
 
-- ``summary.md``: one row per (method, target_r), one column per task with ``mean ± std`` over seeds of the
-  task's main metric (sample std, ddof=1), the seed count, trainable parameters and wall time; failed or
-  incomplete runs are listed with their folder and error. Also printed to stdout.
-- ``summary.csv``: the same numbers in long form, one row per (task, method, target_r, metric).
-- a "Where the budget went" table: mean final rank per module type and per layer, for adaptive methods.
-- ``comparison.png`` and ``rank_heatmap_<task>_<method>_r<target_r>.png`` (mean rank per module over seeds,
-  beside the planted ranks when the run has ``planted_ranks.json``) for adaptive methods.
+- ``summary.md`` (also printed):
+  - the results table: one row per (method, target_r), one column per task with ``mean ± std`` over seeds of the
+    task's main metric (sample std, ddof=1), the seed count, trainable parameters and wall time;
+  - "Final and best-epoch dev metric": per (task, method, target_r) the final and the best evaluation, mean ±
+    std and n, and the plateau check: the mean over seeds of the last evaluation's gain over the one before
+    (in points, x100, for scores in [-1, 1]; in % of the previous value for losses), flagged above 0.5;
+  - "Paired differences vs LoRA": every method − LoRA at the same task and budget (and ``--by`` values), paired
+    by seed (the seeds present in both), mean, 95% Student-t confidence interval, two-sided p-value of the paired
+    t-test and whether the interval excludes 0, for the final and the best evaluation;
+  - with ``--by KEY`` on a numeric key (``optim.lr``), the grid check: whether the best value lies at an edge of
+    the grid;
+  - "Where the budget went": mean final rank per module type and per layer, for adaptive methods;
+  - the failed or incomplete runs, with their folder and error.
+- ``summary.csv``: the same numbers in long form: one row per (task, method, target_r, metric, which, stat),
+  ``stat`` one of ``value`` (mean, std, n over seeds), ``diff_vs_lora`` (paired difference: mean, std, n pairs,
+  ci_low, ci_high, p_value, significant), ``last_eval_gain`` (plateau check, ``which`` curve; ``flag``: still
+  improving) and ``grid_best`` (grid check; ``flag``: best at an edge).
+- figures: ``comparison.png`` (per task, mean ± std and every seed; LoRA and AdaLoRA at one budget in one hue;
+  the majority class for classification, the planted task's rank_recovery), ``learning_curves_<task>.png``
+  (dev metric against step, mean ± std band per method and budget), ``budget_vs_metric.png`` (with several
+  target_r), ``growth_<task>_r<target_r>_seed<seed>.png`` (LoRA's and AdaLoRA's σ_max(ΔW) per module type, when
+  logged) and ``rank_heatmap_<task>_<method>_r<target_r>.png`` (mean rank per module over seeds, beside the
+  planted ranks when the run has ``planted_ranks.json``, with per-layer rank bars) for adaptive methods.
 
 ``--by optim.lr`` (any dotted key of the runs' resolved config.yaml, repeatable) splits each row by that value,
 e.g. ``lora optim.lr=0.001``: the table of a learning-rate sweep.
 
-Importable: ``summarize(multirun_dir, out_dir=None) -> dict``, ``collect_runs(dir)``, ``load_run(dir)``.
+Methods appear in a fixed order (:data:`METHOD_ORDER`: LoRA, AdaLoRA, its variants, then the rivals), split rows
+by their ``--by`` values in numeric order.
+
+Importable: ``summarize(multirun_dir, out_dir=None) -> dict``, ``collect_runs(dir)``, ``load_run(dir)``,
+``paired_stats(differences)``.
 """
 
 from __future__ import annotations
@@ -44,18 +64,25 @@ def _plots():
 
     return plots
 
-__all__ = ["SummarizeError", "read_json", "read_jsonl", "load_run", "collect_runs", "aggregate", "allocation_rows",
-           "summarize", "main"]
+__all__ = ["SummarizeError", "METHOD_ORDER", "BASELINE", "PLATEAU_POINTS", "read_json", "read_jsonl", "eval_records",
+           "load_run", "collect_runs", "split_by", "aggregate", "paired_stats", "paired_differences", "plateau_rows",
+           "grid_checks", "reference_lines", "allocation_rows", "summarize", "main"]
 
 # Extra final metrics given their own column (and CSV rows) when a task reports them.
 EXTRA_METRICS = ("rank_recovery",)
-# Display order; other methods / tasks follow in alphabetical order.
-METHOD_ORDER = ("full", "lora", "svd_lora", "prune_lora", "adalora", "adalora_sensitivity_only",
-                "adalora_magnitude", "adalora_no_orth")
+# Display order: LoRA, AdaLoRA, AdaLoRA's variants (the paper's ablations), then the rivals; full fine-tuning, the
+# reference, first. Other methods / tasks follow in alphabetical order.
+METHOD_ORDER = ("full", "lora", "adalora", "adalora_sensitivity_only", "adalora_magnitude", "adalora_no_orth",
+                "svd_lora", "prune_lora", "sora", "sora_budget", "sora_schedule", "increlora", "increlora_no_advance")
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "planted_rank")
+# Every other method is compared with this one, paired by seed, at the same task and budget.
+BASELINE = "lora"
+# The plateau check flags a cell whose last evaluation still gained more than this (points, or % for losses).
+PLATEAU_POINTS = 0.5
+CONFIDENCE = 0.95
 CSV_COLUMNS = ("task", "method", "target_r", "metric", "mean", "std", "n", "trainable_params", "adapter_params",
-               "wall_time_s", "is_main", "higher_is_better")
-
+               "wall_time_s", "is_main", "higher_is_better", "which", "stat", "baseline", "ci_low", "ci_high",
+               "p_value", "significant", "flag", "note")
 
 
 class SummarizeError(RuntimeError):
@@ -92,6 +119,16 @@ def read_jsonl(path) -> list[dict]:
     return out
 
 
+def eval_records(records: list[dict]) -> list[dict]:
+    """The ``split: eval`` records of metrics.jsonl by step; of several at one step (a resumed run evaluates that
+    step again) the last written."""
+    by_step = {}
+    for m in records:
+        if isinstance(m, dict) and m.get("split") == "eval" and _num(m.get("step")) is not None:
+            by_step[m["step"]] = m
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def _cfg_get(cfg, dotted: str, default=None):
     node = cfg
     for key in dotted.split("."):
@@ -114,7 +151,9 @@ def load_run(run_dir, root=None) -> dict:
 
     Keys: path, rel (path relative to ``root``), status ("completed" | "failed" | "running" | "incomplete"),
     error, task, method, target_r, seed, main_metric, higher_is_better, final, best, trainable_params,
-    adapter_params, final_budget, wall_time_s, rank_pattern, planted_ranks, has_history.
+    adapter_params, final_budget, wall_time_s, rank_pattern, planted_ranks, has_history, config, evals (the
+    eval records of metrics.jsonl, see :func:`eval_records`), base_method (the method; ``method`` becomes a label
+    with the ``--by`` values in :func:`split_by`) and by ({key: value} of ``--by``).
     """
     run_dir = Path(run_dir)
     rel = os.path.relpath(run_dir, root) if root is not None else str(run_dir)
@@ -131,6 +170,7 @@ def load_run(run_dir, root=None) -> dict:
     task_cfg = cfg.get("task") if isinstance(cfg, dict) else None
     cfg_task = task_cfg if isinstance(task_cfg, str) else _cfg_get(cfg, "task.name")
 
+    metrics = read_jsonl(run_dir / rundir.METRICS)
     error = None
     try:
         summary = read_json(run_dir / rundir.SUMMARY)
@@ -142,7 +182,6 @@ def load_run(run_dir, root=None) -> dict:
         summary = {}
         status = "failed" if error else "incomplete"
         if error is None:
-            metrics = read_jsonl(run_dir / rundir.METRICS)
             last = max((m.get("step", -1) for m in metrics if isinstance(m, dict)), default=None)
             error = "no summary.json (crashed or still running)" + (
                 f"; last logged step {last}" if last is not None else "; no metrics logged")
@@ -175,7 +214,10 @@ def load_run(run_dir, root=None) -> dict:
         "planted_ranks": None,
         "has_history": (run_dir / rundir.RANK_HISTORY).is_file(),
         "config": cfg if isinstance(cfg, dict) else {},
+        "evals": eval_records(metrics),
+        "by": {},
     }
+    rec["base_method"] = rec["method"]
     for key, fname in (("rank_pattern", rundir.RANK_PATTERN), ("planted_ranks", rundir.PLANTED)):
         try:
             rec[key] = read_json(run_dir / fname)
@@ -240,13 +282,19 @@ def _r_key(r) -> tuple:
     return (0, n) if n is not None else (1, 0.0)
 
 
-def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[dict]]:
-    """(summary rows, unusable runs).
+def _value_key(v) -> tuple:
+    """Numbers in numeric order (0.001 before 0.003 before 0.01), then other values as text."""
+    n = _num(v)
+    return (0, n, "") if n is not None and not isinstance(v, bool) else (1, 0.0, str(v))
 
-    One row per (task, method, target_r, metric) for the main metric (``is_main``) and for each of
-    :data:`EXTRA_METRICS` present, with mean, sample std (NaN for n=1), n and the mean trainable parameters and
-    wall time over the runs used. Unusable runs are returned with a ``problem`` key.
-    """
+
+def _cell_key(base_method, target_r, by: dict) -> tuple:
+    """Display order of a (method, budget, --by values) cell: method order, budget, then the --by values."""
+    return (_order(base_method, METHOD_ORDER), _r_key(target_r), tuple(_value_key(v) for v in by.values()))
+
+
+def _groups(runs: list[dict], which: str) -> tuple[dict[tuple, list[dict]], list[dict]]:
+    """({(task, method label, target_r): usable runs}, unusable runs with a ``problem`` key)."""
     groups: dict[tuple, list[dict]] = {}
     bad = []
     for run in runs:
@@ -255,7 +303,18 @@ def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[
             bad.append({**run, "problem": problem})
             continue
         groups.setdefault((run["task"], run["method"], run["target_r"]), []).append(run)
+    return groups, bad
 
+
+def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[dict]]:
+    """(summary rows, unusable runs).
+
+    One row per (task, method, target_r, metric) for the main metric (``is_main``) and for each of
+    :data:`EXTRA_METRICS` present, with mean, sample std (NaN for n=1), n, ``values`` ([(seed, value)]), ``which``,
+    ``base_method``, ``by`` and the mean trainable parameters and wall time over the runs used, in display order
+    (:data:`METHOD_ORDER`, budget, ``--by`` values, task). Unusable runs are returned with a ``problem`` key.
+    """
+    groups, bad = _groups(runs, which)
     rows = []
     for (task, method, target_r), group in groups.items():
         metric = Counter(r["main_metric"] for r in group).most_common(1)[0][0]
@@ -266,23 +325,196 @@ def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[
         common = {
             "task": task,
             "method": method,
+            "base_method": group[0]["base_method"],
+            "by": dict(group[0]["by"]),
             "target_r": target_r,
+            "which": which,
             "trainable_params": statistics.fmean(params) if params else float("nan"),
             "adapter_params": statistics.fmean(final_params) if final_params else float("nan"),
             "wall_time_s": statistics.fmean(walls) if walls else float("nan"),
         }
         for m, is_main in [(metric, True)] + [(x, False) for x in EXTRA_METRICS if x != metric]:
-            vals = [v for v in (_num(r[which].get(m)) for r in used) if v is not None]
-            if not vals:
+            pairs = [(r["seed"], v) for r, v in ((r, _num(r[which].get(m))) for r in used) if v is not None]
+            if not pairs:
                 continue
+            vals = [v for _, v in pairs]
             mean, std = _mean_std(vals)
             hib = all(r["higher_is_better"] for r in used) if is_main else True
-            seeds = sorted((r["seed"] for r in used if r["seed"] is not None), key=_r_key)
+            seeds = sorted((s for s, _ in pairs if s is not None), key=_r_key)
             rows.append({**common, "metric": m, "mean": mean, "std": std, "n": len(vals), "is_main": is_main,
-                         "higher_is_better": hib, "seeds": seeds})
-    rows.sort(key=lambda r: (_order(r["method"], METHOD_ORDER), _r_key(r["target_r"]),
-                             _order(r["task"], TASK_ORDER), not r["is_main"], r["metric"]))
+                         "higher_is_better": hib, "seeds": seeds,
+                         "values": sorted(pairs, key=lambda p: _r_key(p[0]))})
+    rows.sort(key=lambda r: (_cell_key(r["base_method"], r["target_r"], r["by"]), _order(r["task"], TASK_ORDER),
+                             not r["is_main"], r["metric"]))
     return rows, bad
+
+
+# -------------------------------------------------------------------------------------------- statistics
+
+
+def paired_stats(differences: list[float], confidence: float = CONFIDENCE) -> dict:
+    """Mean, sample std (ddof=1), Student-t confidence interval and two-sided p-value of paired differences.
+
+    The interval is mean ± t_{(1+confidence)/2, n-1} · std / √n and the p-value that of the paired t-test of
+    mean 0; ``significant``: the interval excludes 0. With n < 2 there is no interval (NaN, ``significant`` None
+    and a ``note`` saying so); with n ≥ 2 identical differences the interval is the point itself.
+    """
+    d = [float(x) for x in differences]
+    n = len(d)
+    nan = float("nan")
+    out = {"n": n, "mean": statistics.fmean(d) if d else nan, "std": nan, "ci_low": nan, "ci_high": nan,
+           "p_value": nan, "significant": None, "note": ""}
+    if n < 2:
+        out["note"] = "no seed in both" if n == 0 else "n<2: no CI"
+        return out
+    from scipy import stats
+
+    mean, std = out["mean"], statistics.stdev(d)
+    se = std / math.sqrt(n)
+    if se == 0.0:
+        half, p = 0.0, (1.0 if mean == 0.0 else 0.0)
+        out["note"] = "all differences equal"
+    else:
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
+        p = float(2 * stats.t.sf(abs(mean / se), n - 1))
+    lo, hi = mean - half, mean + half
+    out.update(std=std, ci_low=lo, ci_high=hi, p_value=p, significant=bool(lo > 0 or hi < 0))
+    return out
+
+
+def paired_differences(rows: list[dict], baseline: str = BASELINE) -> list[dict]:
+    """Every method − ``baseline`` per (task, target_r, metric, ``--by`` values), paired by seed.
+
+    ``rows`` from :func:`aggregate` (one ``which``). Only the seeds present in both cells enter; a cell with no
+    baseline at its budget is left out. Each dict: task, method (label), base_method, baseline (label), target_r,
+    metric, is_main, which, higher_is_better, seeds, :func:`paired_stats`'s keys and ``favours`` (the better
+    method's label when the interval excludes 0, else None).
+    """
+    base = {(r["task"], r["target_r"], r["metric"], tuple(r["by"].items())): r for r in rows
+            if r["base_method"] == baseline}
+    out = []
+    for r in rows:
+        b = base.get((r["task"], r["target_r"], r["metric"], tuple(r["by"].items())))
+        if r["base_method"] == baseline or b is None:
+            continue
+        mine, theirs = dict(r["values"]), dict(b["values"])
+        seeds = sorted((s for s in mine if s in theirs and s is not None), key=_r_key)
+        st = paired_stats([mine[s] - theirs[s] for s in seeds])
+        favours = None
+        if st["significant"]:
+            favours = r["method"] if (st["mean"] > 0) == bool(r["higher_is_better"]) else b["method"]
+        out.append({"task": r["task"], "method": r["method"], "base_method": r["base_method"],
+                    "baseline": b["method"], "target_r": r["target_r"], "metric": r["metric"],
+                    "is_main": r["is_main"], "which": r["which"], "higher_is_better": r["higher_is_better"],
+                    "by": r["by"], "seeds": seeds, **st, "favours": favours})
+    return out
+
+
+def _gain(evals: list[dict], metric: str, hib: bool, scale: float) -> float | None:
+    """The last evaluation's improvement over the one before: points (x scale) for scores, % of the previous
+    value for metrics shown unscaled (losses); None with fewer than two evaluations."""
+    vals = [v for v in (_num(m.get(metric)) for m in evals) if v is not None]
+    if len(vals) < 2:
+        return None
+    prev, last = vals[-2], vals[-1]
+    gain = (last - prev) if hib else (prev - last)
+    if scale != 1.0:
+        return gain * scale
+    return gain / abs(prev) * 100.0 if prev != 0 else None
+
+
+def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
+                 threshold: float = PLATEAU_POINTS) -> list[dict]:
+    """The plateau check per main-metric cell of ``rows``: the mean over seeds of the last evaluation's gain over
+    the previous one (see ``_gain``; ``unit`` says which), with ``still_improving`` when it exceeds ``threshold``.
+    Runs with fewer than two evaluations do not count (``n`` is the number that do)."""
+    groups, _ = _groups(runs, rows[0]["which"] if rows else "final")
+    out = []
+    for r in rows:
+        if not r["is_main"]:
+            continue
+        scale = scales.get(r["metric"], 1.0)
+        gains = [g for g in (_gain(run["evals"], r["metric"], r["higher_is_better"], scale)
+                             for run in groups.get((r["task"], r["method"], r["target_r"]), [])) if g is not None]
+        mean, std = _mean_std(gains) if gains else (float("nan"), float("nan"))
+        out.append({"task": r["task"], "method": r["method"], "target_r": r["target_r"], "metric": r["metric"],
+                    "n": len(gains), "mean": mean, "std": std, "unit": "points" if scale != 1.0 else "%",
+                    "still_improving": bool(gains) and mean > threshold})
+    return out
+
+
+def grid_checks(rows: list[dict], keys: list[str]) -> list[dict]:
+    """For each numeric ``--by`` key: per (task, method, target_r, metric, other --by values), the grid of values,
+    the best one by the mean main metric, and ``edge``: "low" / "high" when the best is the smallest / largest
+    value of the grid (the optimum may lie outside it), "no" when inside. Keys with non-numeric values and
+    grids of one value are skipped."""
+    out = []
+    for key in keys:
+        cells: dict[tuple, list[dict]] = {}
+        for r in rows:
+            if r["is_main"] and key in r["by"]:
+                others = tuple((k, v) for k, v in r["by"].items() if k != key)
+                cells.setdefault((r["task"], r["base_method"], r["target_r"], r["metric"], others), []).append(r)
+        for (task, method, target_r, metric, others), group in cells.items():
+            if any(_num(g["by"][key]) is None or isinstance(g["by"][key], bool) for g in group):
+                continue
+            grid = sorted({float(g["by"][key]) for g in group})
+            if len(grid) < 2:
+                continue
+            hib = all(g["higher_is_better"] for g in group)
+            best = (max if hib else min)(group, key=lambda g: g["mean"])
+            v = float(best["by"][key])
+            edge = "low" if v == grid[0] else "high" if v == grid[-1] else "no"
+            out.append({"task": task, "method": method, "target_r": target_r, "metric": metric, "key": key,
+                        "others": dict(others), "grid": grid, "best_value": best["by"][key],
+                        "best_label": best["method"], "best_mean": best["mean"], "best_std": best["std"],
+                        "best_n": best["n"], "means": {float(g["by"][key]): g["mean"] for g in group},
+                        "edge": edge})
+    out.sort(key=lambda g: (_order(g["task"], TASK_ORDER), _order(g["method"], METHOD_ORDER),
+                            _r_key(g["target_r"]), g["key"]))
+    return out
+
+
+def _dev_majority(run: dict) -> float | None:
+    """Majority-class accuracy of the dev labels the run evaluated on (its local GLUE folder), or None."""
+    task_cfg = run["config"].get("task") if isinstance(run["config"].get("task"), dict) else {}
+    data_dir = task_cfg.get("data_dir")
+    if not data_dir or task_cfg.get("hub") or not Path(str(data_dir)).expanduser().is_dir():
+        return None
+    try:
+        from .data import DataError, load_task
+        from .metrics import majority_class_accuracy
+
+        examples = load_task(run["task"], data_dir, "dev", max_examples=task_cfg.get("max_eval_examples"))
+        return majority_class_accuracy([e.label for e in examples])
+    except (DataError, OSError, ValueError):
+        return None
+
+
+def reference_lines(runs: list[dict], rows: list[dict]) -> dict:
+    """``{(task, metric): (value, label)}``: the chance levels the comparison draws.
+
+    Accuracy tasks: the majority class, from the dev labels when a run's ``task.data_dir`` is here (its first
+    ``max_eval_examples``), else :data:`adalora_lab.metrics.MAJORITY_CLASS` for a full dev set. The planted
+    task's rank_recovery: the uniform allocation's (``rank_recovery_uniform`` in the runs' final metrics).
+    """
+    from .metrics import MAJORITY_CLASS
+
+    out = {}
+    metric_of = {r["task"]: r["metric"] for r in rows if r["is_main"]}
+    for task, metric in metric_of.items():
+        used = [r for r in runs if r["task"] == task and r["status"] == "completed"]
+        if metric == "accuracy":
+            value = next((v for v in map(_dev_majority, used) if v is not None), None)
+            full_dev = all(_cfg_get(r["config"], "task.max_eval_examples") is None for r in used)
+            if value is None and full_dev:
+                value = MAJORITY_CLASS.get(str(task).lower().replace("-", "").replace("_", ""))
+            if value is not None:
+                out[task, metric] = (value, "majority class")
+        uniform = [v for v in (_num(r["final"].get("rank_recovery_uniform")) for r in used) if v is not None]
+        if uniform and any(r["task"] == task and r["metric"] == "rank_recovery" for r in rows):
+            out[task, "rank_recovery"] = (statistics.fmean(uniform), "uniform allocation")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -322,15 +554,20 @@ def _per_task(values: dict[str, str]) -> str:
     return "; ".join(f"{t}: {v}" for t, v in values.items())
 
 
-def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, which: str,
-              heatmaps: list[str], comparison: str | None) -> tuple[str, str]:
-    """(full markdown, the results table alone)."""
+def _scales(rows: list[dict]) -> dict[str, float]:
+    """{metric: display scale}: x100 for a score whose means all lie in [-1, 1], else 1 (see plots.display_scale)."""
+    return {m: _plots().display_scale(m, [r["mean"] for r in rows if r["metric"] == m],
+                                      all(r["higher_is_better"] for r in rows if r["metric"] == m))
+            for m in dict.fromkeys(r["metric"] for r in rows)}
+
+
+def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, which: str, scales: dict,
+              sections: list[str], figures: list[str]) -> tuple[str, str]:
+    """(full markdown, the results table alone); ``sections`` (markdown) follow the table, then the failed runs
+    and the ``figures``."""
     main = [r for r in rows if r["is_main"]]
     tasks = sorted({r["task"] for r in main}, key=lambda t: _order(t, TASK_ORDER))
     metric_of = {r["task"]: r["metric"] for r in main}
-    scales = {m: _plots().display_scale(m, [r["mean"] for r in rows if r["metric"] == m],
-                                     all(r["higher_is_better"] for r in rows if r["metric"] == m))
-              for m in {r["metric"] for r in rows}}
     hib_of = {t: all(r["higher_is_better"] for r in main if r["task"] == t) for t in tasks}
     extras = [(t, m) for t in tasks for m in EXTRA_METRICS
               if any(r["task"] == t and r["metric"] == m and not r["is_main"] for r in rows)]
@@ -377,6 +614,7 @@ def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, w
            "scores in [-1, 1] ×100, losses as-is (4 significant digits); ↑ higher / ↓ lower is better; "
            "best per task in bold.", ""]
     out += [table if main else "_No completed run._", ""]
+    out += sections
     out += ["## Failed / incomplete runs", ""]
     if bad:
         out += ["| folder | task | method | target_r | seed | status | error |", "|---|---|---|---:|---:|---|---|"]
@@ -388,13 +626,139 @@ def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, w
     else:
         out.append("None.")
     out.append("")
-    if comparison or heatmaps:
+    if figures:
         out += ["## Figures", ""]
-        if comparison:
-            out += [f"![comparison]({Path(comparison).name})", ""]
-        for h in heatmaps:
-            out += [f"![{Path(h).stem}]({Path(h).name})", ""]
+        for f in figures:
+            out += [f"![{Path(f).stem}]({Path(f).name})", ""]
     return "\n".join(out), table
+
+
+def _table(header: list[str], align: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"] + \
+        ["| " + " | ".join(row) + " |" for row in body]
+
+
+def _by_task(items: list[dict]) -> list[dict]:
+    """Stable sort by task (the items are in display order within a task)."""
+    return sorted(items, key=lambda x: _order(x["task"], TASK_ORDER))
+
+
+def _cells_markdown(final: list[dict], best: list[dict], plateau: list[dict], scales: dict) -> list[str]:
+    main = _by_task([r for r in final if r["is_main"]])
+    if not main:
+        return []
+    best_of = {(r["task"], r["method"], r["target_r"], r["metric"]): r for r in best}
+    gain_of = {(g["task"], g["method"], g["target_r"]): g for g in plateau}
+    body = []
+    for r in main:
+        scale = scales[r["metric"]]
+        b = best_of.get((r["task"], r["method"], r["target_r"], r["metric"]))
+        g = gain_of.get((r["task"], r["method"], r["target_r"]))
+        gain, flag = "-", "-"
+        if g is not None and g["n"]:
+            unit = " pts" if g["unit"] == "points" else "%"
+            spread = "" if math.isnan(g["std"]) else f" ± {g['std']:.2f}"
+            gain = f"{g['mean']:+.2f}{spread}{unit} (n={g['n']})"
+            flag = "**yes**" if g["still_improving"] else "no"
+        body.append([r["task"], _md_cell(r["method"]), _fmt_r(r["target_r"]), str(r["n"]),
+                     _fmt_value(r["mean"], r["std"], r["n"], scale),
+                     "-" if b is None else _fmt_value(b["mean"], b["std"], b["n"], scale), gain, flag])
+    head = ["task", "method", "target_r", "n", "final", "best epoch", "last-eval gain", "still improving"]
+    return ["## Final and best-epoch dev metric", "",
+            "Main metric per cell, mean ± sample std (ddof=1) over seeds (n); best epoch: each run's best "
+            "evaluation on the dev set (an optimistic pick). Last-eval gain: mean over seeds of the last evaluation "
+            "minus the one before, in points (×100) for scores and in % of the previous value for losses "
+            f"(positive = improving); **yes** when above {PLATEAU_POINTS}: the runs had not plateaued.", "",
+            *_table(head, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---"], body), ""]
+
+
+def _fmt_diff(d: dict, scale: float) -> str:
+    if d["n"] == 0:
+        return "-"
+    fmt = (lambda v: f"{v * scale:+.2f}") if scale != 1.0 else (lambda v: f"{v:+.3g}")
+    if d["n"] < 2:
+        return f"{fmt(d['mean'])} (n=1, no CI)"
+    return f"{fmt(d['mean'])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"
+
+
+def _fmt_p(p: float) -> str:
+    return "-" if math.isnan(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_sig(d: dict) -> str:
+    if d["significant"] is None:
+        return d["note"] or "-"
+    text = f"**yes** ({_md_cell(d['favours'])})" if d["significant"] else "no"
+    return f"{text}; {d['note']}" if d["note"] else text
+
+
+def _paired_markdown(final: list[dict], best: list[dict], scales: dict) -> list[str]:
+    if not final:
+        return []
+    best_of = {(d["task"], d["method"], d["target_r"], d["metric"]): d for d in best}
+    body = []
+    for d in _by_task(final):
+        scale = scales[d["metric"]]
+        b = best_of.get((d["task"], d["method"], d["target_r"], d["metric"]))
+        seeds = ", ".join(str(s) for s in d["seeds"]) or "-"
+        row = [d["task"], d["metric"], f"{_md_cell(d['method'])} − {_md_cell(d['baseline'])}",
+               _fmt_r(d["target_r"]), f"{d['n']} ({seeds})", _fmt_diff(d, scale), _fmt_p(d["p_value"]), _fmt_sig(d)]
+        row += ["-"] * 3 if b is None else [_fmt_diff(b, scale), _fmt_p(b["p_value"]), _fmt_sig(b)]
+        body.append(row)
+    head = ["task", "metric", "difference", "target_r", "pairs (seeds)", "final: Δ [95% CI]", "p", "significant",
+            "best epoch: Δ [95% CI]", "p", "significant"]
+    return ["## Paired differences vs LoRA", "",
+            f"Each method minus {BASELINE} at the same task and budget (and the same --by values), paired by seed "
+            "(only seeds present in both); Δ in the table's units (×100 for scores); 95% Student-t confidence "
+            "interval of the mean difference and the two-sided p-value of the paired t-test, not adjusted for "
+            "multiple comparisons; **yes** when the interval excludes 0, with the better method (lower is better "
+            "for losses).", "",
+            *_table(head, ["---", "---", "---", "---:", "---:", "---:", "---:", "---", "---:", "---:", "---"], body),
+            ""]
+
+
+def _grid_markdown(grid: list[dict], scales: dict) -> list[str]:
+    if not grid:
+        return []
+    body = []
+    for g in grid:
+        scale = scales[g["metric"]]
+        means = ", ".join(f"{_fmt_num(v)}: {_fmt_value(m, float('nan'), 1, scale).split(' ')[0]}"
+                          for v, m in sorted(g["means"].items()))
+        edge = "no" if g["edge"] == "no" else f"**yes ({g['edge']} edge)**"
+        if len(g["grid"]) == 2:
+            edge += ", 2-point grid"
+        others = " ".join(f"{k}={v}" for k, v in g["others"].items())
+        body.append([g["task"], _md_cell(" ".join(filter(None, [g["method"], others]))), _fmt_r(g["target_r"]),
+                     g["key"], means, _fmt_num(g["best_value"]),
+                     _fmt_value(g["best_mean"], g["best_std"], g["best_n"], scale), edge])
+    head = ["task", "method", "target_r", "key", "grid (value: mean)", "best", "best mean ± std", "at an edge"]
+    return ["## Grid check", "",
+            "Per cell and numeric --by key: the grid's mean main metric at each value and whether the best value "
+            "is the grid's smallest or largest (then the optimum may lie outside the grid: extend it).", "",
+            *_table(head, ["---", "---", "---:", "---", "---", "---:", "---:", "---"], body), ""]
+
+
+def _fmt_num(v) -> str:
+    n = _num(v)
+    return f"{n:g}" if n is not None else str(v)
+
+
+def _csv_rows(final: list[dict], best: list[dict], paired: list[dict], plateau: list[dict],
+              grid: list[dict]) -> list[dict]:
+    out = [{**r, "stat": "value"} for r in final + best]
+    for d in paired:
+        out.append({**d, "stat": "diff_vs_lora", "note": d["note"]})
+    for g in plateau:
+        out.append({**g, "which": "curve", "stat": "last_eval_gain", "is_main": True, "flag": g["still_improving"],
+                    "note": "points" if g["unit"] == "points" else "% of the previous value"})
+    for g in grid:
+        out.append({"task": g["task"], "method": g["best_label"], "target_r": g["target_r"], "metric": g["metric"],
+                    "mean": g["best_mean"], "std": g["best_std"], "n": g["best_n"], "is_main": True,
+                    "which": final[0]["which"] if final else "", "stat": "grid_best", "flag": g["edge"] != "no",
+                    "note": f"{g['key']}={_fmt_num(g['best_value'])} of [{', '.join(map(_fmt_num, g['grid']))}]; "
+                            f"edge: {g['edge']}"})
+    return out
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -407,7 +771,7 @@ def _write_csv(rows: list[dict], path: Path) -> None:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         for r in rows:
-            w.writerow([cell(r[c]) for c in CSV_COLUMNS])
+            w.writerow([cell(r.get(c)) for c in CSV_COLUMNS])
 
 
 def _safe(s) -> str:
@@ -440,7 +804,7 @@ def _adaptive_groups(runs: list[dict], rows: list[dict]) -> list[tuple[tuple, li
                 and run["rank_pattern"]:
             groups.setdefault(key, []).append(run)
     ordered = sorted(groups.items(), key=lambda kv: (
-        _order(kv[0][0], TASK_ORDER), _order(kv[0][1], METHOD_ORDER), _r_key(kv[0][2])))
+        _order(kv[0][0], TASK_ORDER), _cell_key(kv[1][0]["base_method"], kv[0][2], kv[1][0]["by"])))
     return [(key, group) for key, group in ordered if _is_adaptive(key[1], [g["rank_pattern"] for g in group])]
 
 
@@ -459,11 +823,13 @@ def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
 
 
 def split_by(runs: list[dict], keys: list[str]) -> list[dict]:
-    """Runs whose method label carries the value of each dotted config key (``lora optim.lr=0.001``)."""
+    """Runs whose method label carries the value of each dotted config key (``lora optim.lr=0.001``); ``by``
+    holds the values ({key: value}, "unset" where the config lacks the key) and ``base_method`` the method."""
     out = []
     for run in runs:
-        tags = [f"{k}={_cfg_get(run['config'], k, 'unset')}" for k in keys]
-        out.append({**run, "method": " ".join([str(run["method"])] + tags)})
+        by = {k: _cfg_get(run["config"], k, "unset") for k in keys}
+        label = " ".join([str(run["base_method"])] + [f"{k}={v}" for k, v in by.items()])
+        out.append({**run, "method": label, "by": by})
     return out
 
 
@@ -499,12 +865,69 @@ def _allocation_markdown(alloc: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _curve_figures(runs: list[dict], rows: list[dict], refs: dict, out: Path) -> list[str]:
+    """learning_curves_<task>.png: the dev main metric against step, mean ± std over seeds per cell."""
+    groups, _ = _groups(runs, rows[0]["which"] if rows else "final")
+    paths = []
+    for task in dict.fromkeys(r["task"] for r in _by_task([r for r in rows if r["is_main"]])):
+        cells = [r for r in rows if r["is_main"] and r["task"] == task]
+        metric = cells[0]["metric"]
+        series = []
+        for r in cells:
+            curves = [[(m["step"], v) for m in run["evals"] if (v := _num(m.get(metric))) is not None]
+                      for run in groups.get((task, r["method"], r["target_r"]), [])]
+            if any(curves):
+                series.append({"method": r["method"], "target_r": r["target_r"], "curves": [c for c in curves if c]})
+        if series:
+            hib = all(r["higher_is_better"] for r in cells)
+            paths.append(_plots().sweep_curves_plot(
+                series, out / f"learning_curves_{_safe(task)}.png", metric=metric, higher_is_better=hib,
+                title=f"{task}: dev {metric} during training", reference=refs.get((task, metric))))
+    return paths
+
+
+def _growth_figures(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
+    """growth_<task>_r<target_r>_seed<seed>.png: LoRA's and AdaLoRA's σ_max(ΔW) per module type over steps, for the
+    smallest seed both completed with the diagnostic logged; one figure per task, budget and --by values."""
+    plots = _plots()
+    groups, _ = _groups(runs, rows[0]["which"] if rows else "final")
+    pairs: dict[tuple, dict[str, dict]] = {}
+    for (task, _, target_r), group in groups.items():
+        for run in group:
+            if run["base_method"] in plots.PAIRED_METHODS and plots.growth_types(run["evals"]):
+                key = (task, target_r, tuple(run["by"].items()))
+                pairs.setdefault(key, {}).setdefault(run["base_method"], {})[run["seed"]] = run
+    paths = []
+    for (task, target_r, by), found in sorted(pairs.items(), key=lambda kv: (
+            _order(kv[0][0], TASK_ORDER), _r_key(kv[0][1]), tuple(_value_key(v) for _, v in kv[0][2]))):
+        if len(found) < 2:
+            continue
+        common = sorted((s for s in found[plots.PAIRED_METHODS[0]] if s in found[plots.PAIRED_METHODS[1]]),
+                        key=_r_key)
+        if not common:
+            continue
+        seed = common[0]
+        series = [{"method": found[m][seed]["method"], "target_r": target_r, "evals": found[m][seed]["evals"]}
+                  for m in plots.PAIRED_METHODS]
+        tags = "".join(f"_{_safe(k)}-{_safe(v)}" for k, v in by)
+        title = f"{task} / target_r={_fmt_r(target_r)}{''.join(f' / {k}={v}' for k, v in by)} / seed {seed}: " \
+                "σ_max(ΔW) per module type, LoRA vs AdaLoRA"
+        paths.append(plots.growth_comparison_plot(
+            series, out / f"growth_{_safe(task)}_r{_safe(_fmt_r(target_r))}{tags}_seed{_safe(seed)}.png", title=title))
+    return paths
+
+
 def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = True, quiet: bool = True,
               by: list[str] | None = None) -> dict:
     """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring).
 
-    Returns ``{"runs", "rows", "failed", "markdown", "table", "files": {"md", "csv", "comparison", "heatmaps"}}``
-    where ``rows`` are the CSV rows as dicts and ``failed`` the unusable runs (with ``rel`` and ``problem``).
+    Returns ``{"runs", "rows", "final_rows", "best_rows", "failed", "paired", "paired_final", "paired_best",
+    "plateau", "grid", "references", "allocation", "markdown", "table", "files"}``: ``rows`` the ``which`` rows of
+    :func:`aggregate` (``final_rows`` / ``best_rows``: those of the final / the best evaluation), ``failed`` the
+    unusable runs (with ``rel`` and ``problem``), ``paired`` (``paired_final``, ``paired_best``) the
+    :func:`paired_differences` of the rows (final, best), ``plateau`` the :func:`plateau_rows`, ``grid`` the
+    :func:`grid_checks` of ``by``, ``references`` the :func:`reference_lines`, and ``files``: {"md", "csv",
+    "comparison", "heatmaps", "learning_curves", "budget", "growth"}.
     Raises :class:`SummarizeError` if the folder does not exist or holds no run.
     """
     if which not in ("final", "best"):
@@ -521,24 +944,45 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     out.mkdir(parents=True, exist_ok=True)
 
     rows, bad = aggregate(runs, which)
-    comparison, heatmaps = None, []
-    if plots_:
-        metrics = ", ".join(sorted({r["metric"] for r in rows if r["is_main"]}))
-        comparison = _plots().comparison_plot(rows, out / "comparison.png",
-                                              title=f"{which} {metrics} (mean ± std over seeds)")
-        heatmaps = _heatmaps(runs, rows, out)
-    markdown, table = _markdown(rows, bad, runs, str(root), which, heatmaps, comparison)
+    other, _ = aggregate(runs, "best" if which == "final" else "final")
+    final, best = (rows, other) if which == "final" else (other, rows)
+    scales = _scales(rows + other)
+    paired, paired_other = paired_differences(rows), paired_differences(other)
+    paired_final, paired_best = (paired, paired_other) if which == "final" else (paired_other, paired)
+    plateau = plateau_rows(runs, final, scales)
+    grid = grid_checks(rows, list(by or []))
+    refs = reference_lines(runs, rows)
     alloc = allocation_rows(runs, rows)
-    if alloc:
-        head, sep, figures = markdown.partition("## Figures")
-        markdown = head + "\n".join(_allocation_markdown(alloc)) + "\n" + sep + figures
+
+    files = {"comparison": None, "heatmaps": [], "learning_curves": [], "budget": None, "growth": []}
+    if plots_:
+        plots = _plots()
+        metrics = ", ".join(dict.fromkeys(r["metric"] for r in rows if r["is_main"]))
+        files["comparison"] = plots.comparison_plot(
+            rows, out / "comparison.png", references=refs,
+            title=f"{which} {metrics}: mean ± std over seeds (error bar), every seed (dot)")
+        files["learning_curves"] = _curve_figures(runs, rows, refs, out)
+        if any(len({_num(r["target_r"]) for r in rows if r["is_main"] and r["task"] == t} - {None}) > 1
+               for t in {r["task"] for r in rows}):
+            files["budget"] = plots.budget_plot(
+                rows, out / "budget_vs_metric.png",
+                title=f"{which} metric against the budget: mean ± std over seeds, every seed (dot)")
+        files["growth"] = _growth_figures(runs, rows, out)
+        files["heatmaps"] = _heatmaps(runs, rows, out)
+    figures = [f for f in [files["comparison"], files["budget"], *files["learning_curves"], *files["growth"],
+                           *files["heatmaps"]] if f]
+    sections = (_cells_markdown(final, best, plateau, scales) + _paired_markdown(paired_final, paired_best, scales)
+                + _grid_markdown(grid, scales) + _allocation_markdown(alloc))
+    markdown, table = _markdown(rows, bad, runs, str(root), which, scales, sections, figures)
     md_path, csv_path = out / "summary.md", out / "summary.csv"
     md_path.write_text(markdown)
-    _write_csv(rows, csv_path)
+    _write_csv(_csv_rows(final, best, paired_final + paired_best, plateau, grid), csv_path)
     if not quiet:
         print(markdown)
-    return {"runs": runs, "rows": rows, "failed": bad, "markdown": markdown, "table": table, "allocation": alloc,
-            "files": {"md": str(md_path), "csv": str(csv_path), "comparison": comparison, "heatmaps": heatmaps}}
+    return {"runs": runs, "rows": rows, "final_rows": final, "best_rows": best, "failed": bad, "paired": paired,
+            "paired_final": paired_final, "paired_best": paired_best, "plateau": plateau, "grid": grid,
+            "references": refs, "allocation": alloc, "markdown": markdown, "table": table,
+            "files": {"md": str(md_path), "csv": str(csv_path), **files}}
 
 
 def main(argv=None) -> int:
@@ -558,8 +1002,9 @@ def main(argv=None) -> int:
         print(f"summarize.py: error: {e}", file=sys.stderr)
         return 2
     files = result["files"]
-    print(f"\nwrote {files['md']}, {files['csv']}" + (f", {files['comparison']}" if files["comparison"] else "")
-          + (f" and {len(files['heatmaps'])} rank heat map(s)" if files["heatmaps"] else ""))
+    figures = [f for f in [files["comparison"], files["budget"], *files["learning_curves"], *files["growth"],
+                           *files["heatmaps"]] if f]
+    print(f"\nwrote {files['md']}, {files['csv']}" + (f" and {len(figures)} figure(s)" if figures else ""))
     return 0
 
 
