@@ -174,6 +174,7 @@ def _train(cfg: RunConfig, run_dir: RunDir) -> dict:
             write_json(run.dir.planted, run.work.planted)
     if run.adapters and not resumed:
         log.log_ranks(0, sum(run.init_ranks.values()), run.init_ranks)
+        state.last_ranks = dict(run.init_ranks)
     bar = _progress_bar(run, state)
     log.echo = bar.write if bar is not None else print  # console lines above the bar, never through it
     try:
@@ -383,11 +384,12 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
     if alloc is not None:
         adaptive.zero_grad(alloc)  # the parameters the method optimizes itself
     state.step = t
-    if alloc is not None and info.masked and info.phase != "final":
-        log.log_ranks(t, info.budget, alloc.rank_pattern())
-    elif alloc is not None and info.masked and not state.final_logged:  # the pattern the final phase keeps
-        state.final_logged = True
-        log.log_ranks(t, info.budget, alloc.rank_pattern())
+    if alloc is not None and info.masked and (info.phase != "final" or not state.final_logged):
+        pattern = alloc.rank_pattern()
+        if pattern != state.last_ranks or info.phase == "final":  # a line per change of the pattern
+            log.log_ranks(t, info.budget, pattern)
+            state.last_ranks = pattern
+        state.final_logged = info.phase == "final"  # the pattern the final phase keeps is logged once
     if alloc is not None and info.phase == "final" and cfg.method.compact and not state.compacted:
         alloc.compact(run.optimizer)  # from here on FLOPs and optimizer state are the final budget's
         state.compacted = True

@@ -22,6 +22,7 @@ class RunState:
     best: dict = field(default_factory=dict)  # the best evaluation so far, with its "step"
     last_eval: dict = field(default_factory=dict)
     skipped: int = 0  # steps skipped for a non-finite loss (skip_nonfinite=true)
+    last_ranks: dict = field(default_factory=dict)  # the pattern of the last rank_history line
     final_logged: bool = False  # the final phase's pattern is in rank_history.jsonl
     compacted: bool = False  # the method's compact() ran (the adapters are at their final ranks)
     lr_sum: float = 0.0  # sum of the learning rates applied so far: the bound on AdaLoRA's |λ| growth
