@@ -89,8 +89,14 @@ def test_summarize_lists_failed_runs_and_writes_table(sweep):
     assert len(listed) == 2, failed
     assert {line.split(" | ")[2] for line in listed} == {"lora", "adalora"}  # method column
     assert all(" | failed | " in line or " | incomplete | " in line for line in listed)
-    csv = (sweep["dir"] / "summary.csv").read_text().splitlines()
-    assert csv[0].startswith("task,method,target_r,metric") and len(csv) == 3  # header + lora + adalora
+    import csv
+
+    with open(sweep["dir"] / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:4] == ["task", "method", "target_r", "metric"]
+    main = [r for r in rows if r["metric"] == "accuracy" and r.get("is_main") in ("True", "true", "1")
+            and r["stat"] == "value" and r["which"] == "final"]
+    assert sorted(r["method"] for r in main) == ["adalora", "lora"]  # one final row per completed cell
     assert (sweep["dir"] / "comparison.png").is_file()
 
 
