@@ -84,6 +84,7 @@ def test_a_held_run_folder_stops_a_second_run_at_once(data, tmp_path):
     assert train(compose_run(_run(data)), run_dir.path)["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_default_run_folders_are_unique_per_process(data, tmp_path):
     """Two entry-point runs started together, without hydra.run.dir, get a folder each."""
     env = {**os.environ, "ADALORA_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
@@ -168,6 +169,7 @@ def test_a_kill_while_the_final_files_are_written_changes_nothing(data, tmp_path
     assert not list(run_dir.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_rerun_resumes(data, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "ADALORA_CACHE": str(tmp_path / "cache"), "WANDB_MODE": "disabled",
