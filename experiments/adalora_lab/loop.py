@@ -45,7 +45,7 @@ from .resume import (
     set_rng_state,
     truncate_jsonl,
 )
-from .rundir import RunDir, Summary
+from .rundir import RunDir, Summary, write_json
 from .runlog import RunLog
 from .schema import RunConfig, build_method_config, config_diff, validate_run_config
 from .state import RunState
@@ -169,8 +169,6 @@ def _train(cfg: RunConfig, run_dir: RunDir) -> dict:
     if run.main:
         run.dir.write_summary(summary)
         if run.work.planted is not None:
-            from .rundir import write_json
-
             write_json(run.dir.planted, run.work.planted)
     if run.adapters and not resumed:
         log.log_ranks(0, sum(run.init_ranks.values()), run.init_ranks)
@@ -483,8 +481,6 @@ def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
     summary.skipped_steps, summary.error = state.skipped, reason
     summary.wall_time_s = state.elapsed + time.time() - run.t_start
     if run.main:
-        from .rundir import write_json
-
         if adapters:
             log.log_ranks(run.total_steps, sum(ranks.values()), ranks, final=True)
         write_json(run.dir.rank_pattern, ranks)
