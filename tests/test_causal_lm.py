@@ -371,3 +371,58 @@ def test_run_adapter_loads_in_peft_with_the_same_logits(method, tmp_path):
         a, b = ours(input_ids=ids).logits, theirs(input_ids=ids).logits
     assert (a - b).abs().max().item() < 1e-5
     assert train(cfg, tmp_path / "run")["status"] == "completed"  # a rerun reuses the finished run
+
+
+def test_interrupted_causal_run_resumes_exactly(tmp_path, monkeypatch):
+    """The causal-LM path resumes like GLUE: a run stopped mid-schedule and rerun ends as an uninterrupted one."""
+    from adalora_lab.resume import FAULT_ENV
+
+    overrides = ["method=adalora", "method.target_r=2", "max_steps=10", "eval_every=5", "checkpoint_every=3",
+                 "optim.lr=5e-3", "deterministic=true", "threads=1", "method.delta_t=1"]
+    ref = train(instruct_run(overrides), tmp_path / "ref")
+    monkeypatch.setenv(FAULT_ENV, "raise@step:7")
+    with pytest.raises(KeyboardInterrupt):
+        train(instruct_run(overrides), tmp_path / "run")
+    monkeypatch.delenv(FAULT_ENV)
+    again = train(instruct_run(overrides), tmp_path / "run")
+    assert again["final"] == ref["final"]
+    for name in ("metrics.jsonl", "rank_history.jsonl", "rank_pattern.json"):
+        assert (tmp_path / "run" / name).read_text() == (tmp_path / "ref" / name).read_text(), name
+
+
+def test_trainer_callback_on_a_causal_lm(tmp_path, tokenizer):
+    """AdaLoRATrainer drives the allocator on a decoder with its language-modelling loss: the budget ends at
+    target_r x n and the loss falls."""
+    from transformers import TrainingArguments
+
+    from adalora import AdaLoRAConfig, RankAllocator
+    from adalora.integrations import AdaLoRATrainer
+    from adalora_lab.instruct import PromptTemplate, read_jsonl, tokenize_records
+
+    model = tiny_llama(tokenizer)
+    cfg = AdaLoRAConfig(init_r=3, target_r=2, target_modules=LLAMA_TARGETS, tinit=2, tfinal=4, delta_t=1,
+                        total_steps=12)
+    adapters = inject_adapters(model, cfg)
+    alloc = RankAllocator(adapters, cfg)
+    ds = tokenize_records(read_jsonl(FIX / "train.jsonl"), tokenizer, PromptTemplate.preset("plain"), 48)
+    data = [ds[i] for i in range(len(ds))]
+
+    def collate(batch):  # right-padded; labels -100 on the padding
+        n = max(len(b["input_ids"]) for b in batch)
+        pad = tokenizer.pad_token_id
+
+        def fill(t, value):
+            return torch.cat([t, torch.full((n - len(t),), value, dtype=t.dtype)])
+
+        return {"input_ids": torch.stack([fill(b["input_ids"], pad) for b in batch]),
+                "labels": torch.stack([fill(b["labels"], -100) for b in batch]),
+                "attention_mask": torch.stack([fill(torch.ones_like(b["input_ids"]), 0) for b in batch])}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, logging_steps=1, save_strategy="no", learning_rate=5e-3, disable_tqdm=True,
+                             seed=0, remove_unused_columns=False)
+    trainer = AdaLoRATrainer(model=model, args=args, train_dataset=data, data_collator=collate, allocator=alloc)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert sum(alloc.rank_pattern().values()) == 2 * len(adapters)
+    assert losses[-1] < losses[0]
