@@ -96,8 +96,8 @@ def test_module_type_names():
 
 
 def test_module_type_agrees_with_the_heat_map_rows():
-    """The summary's types are the rank heat map's rows (adalora.train.plots names them the same way)."""
-    plots = pytest.importorskip("adalora.train.plots")
+    """The summary's types are the rank heat map's rows (adalora_lab.plots places modules by module_type)."""
+    plots = pytest.importorskip("adalora_lab.plots")
     names = [f"bert.encoder.layer.{i}.{m}" for i in range(2) for m in (
         "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
         "intermediate.dense", "output.dense")] + ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj", "0"]

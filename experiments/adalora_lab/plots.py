@@ -21,6 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from adalora.diagnostics import module_type
+
 __all__ = [
     "TYPE_ORDER",
     "module_grid",
@@ -53,19 +55,8 @@ SIGMA_MAX = "sigma_max"
 SCALE_LAMBDA_MAX = "scale_lambda_max"
 GROWTH_BOUND = "growth_bound"
 
-# Transformer sub-module (the name after the layer index) -> short type shown on the heat map.
-_TYPE_ALIASES = {
-    # BERT / RoBERTa / DeBERTa-v3
-    "attention.self.query": "query",
-    "attention.self.key": "key",
-    "attention.self.value": "value",
-    "attention.self.query_proj": "query",
-    "attention.self.key_proj": "key",
-    "attention.self.value_proj": "value",
-    "attention.output.dense": "attn.out",
-    "intermediate.dense": "ffn.in",
-    "output.dense": "ffn.out",
-}
+# Module types (the name after the layer index, shortened: query, attn.out, ffn.in, ...) have one owner,
+# adalora.diagnostics.module_type, shared with the growth diagnostic's keys.
 
 # Known types come first, in this order; any other type follows in order of first appearance.
 TYPE_ORDER = (
@@ -85,11 +76,8 @@ def _parse(name: str) -> tuple[int, str, str]:
     for i, p in enumerate(parts):
         if p.isdigit():
             prefix = ".".join(parts[:i])
-            rest = ".".join(parts[i + 1:])
-            if not rest:  # a bare index: nn.Sequential child "0", or "blocks.3" in a ModuleList of Linear
-                rest = prefix or "linear"
-            return int(p), _TYPE_ALIASES.get(rest, rest), prefix
-    return 0, _TYPE_ALIASES.get(name, name), ""
+            return int(p), module_type(name), prefix
+    return 0, module_type(name), ""
 
 
 def module_grid(names) -> tuple[list[int], list[str], dict[str, tuple[int, str]]]:
