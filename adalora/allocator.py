@@ -31,7 +31,7 @@ from .scores import (
     update_importance_finite,
 )
 
-__all__ = ["RankAllocator", "StepInfo"]
+__all__ = ["RankAllocator", "StepInfo", "next_step"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,19 @@ class StepInfo:
     masked: bool  # this step re-masked to ``budget``
     phase: str  # "warmup" | "decrease" | "final" | "off"
     skipped: bool = False  # a masking step whose scores were unusable (on_bad_scores="skip"): the previous mask stays
+
+
+def next_step(owner: str, global_step: int | None, last_step: int) -> int:
+    """The optimizer step a controller's ``step(global_step)`` is for (from 1; None: the one after
+    ``last_step``); a step below 1 or before ``last_step`` is an error naming ``owner``."""
+    t = last_step + 1 if global_step is None else int(global_step)
+    if t < 1:
+        raise ValueError(f"{owner}.step({t}): steps count optimizer steps from 1 (call it after the t-th "
+                         "optimizer.step())")
+    if t < last_step:
+        raise ValueError(f"{owner}.step({t}) after step {last_step}: steps must not go back. When resuming, load "
+                         "the state_dict() and continue from its step.")
+    return t
 
 
 class RankAllocator:

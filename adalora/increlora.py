@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed
-from .allocator import StepInfo
+from .allocator import StepInfo, next_step
 from .config import ConfigError, IncreLoRAConfig, LoRAConfig
 from .inject import inject_adapters
 from .layers import AdapterLayer, SVDLinear
@@ -340,13 +340,7 @@ class RankGrower:
     # ------------------------------------------------------------------ the step
     def step(self, global_step: int | None = None) -> StepInfo:
         """Update the module scores and, on growth steps, grow; for optimizer step ``global_step`` (from 1)."""
-        t = self.last_step + 1 if global_step is None else int(global_step)
-        if t < 1:
-            raise ValueError(f"RankGrower.step({t}): steps count optimizer steps from 1 (call it after the t-th "
-                             "optimizer.step())")
-        if t < self.last_step:
-            raise ValueError(f"RankGrower.step({t}) after step {self.last_step}: steps must not go back. When "
-                             "resuming, load the state_dict() and continue from its step.")
+        t = next_step("RankGrower", global_step, self.last_step)
         if t == self.last_step:
             if not self._warned_repeat:
                 warnings.warn(f"RankGrower.step({t}) called twice; the repeat is ignored", stacklevel=2)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocator import StepInfo
+from .allocator import StepInfo, next_step
 from .config import ConfigError, LoRAConfig, SoRAConfig
 from .inject import inject_adapters
 from .layers import SVDLinear
@@ -220,13 +220,7 @@ class SoRAGates:
     # ------------------------------------------------------------------ the step
     def step(self, global_step: int | None = None) -> StepInfo:
         """Adam step + threshold on every gate that has a gradient, for optimizer step ``global_step`` (from 1)."""
-        t = self.last_step + 1 if global_step is None else int(global_step)
-        if t < 1:
-            raise ValueError(f"SoRAGates.step({t}): steps count optimizer steps from 1 (call it after the t-th "
-                             "optimizer.step())")
-        if t < self.last_step:
-            raise ValueError(f"SoRAGates.step({t}) after step {self.last_step}: steps must not go back. When "
-                             "resuming, load the state_dict() and continue from its step.")
+        t = next_step("SoRAGates", global_step, self.last_step)
         if t == self.last_step:
             if not self._warned_repeat:
                 warnings.warn(f"SoRAGates.step({t}) called twice; the repeat is ignored", stacklevel=2)
