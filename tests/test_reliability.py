@@ -45,6 +45,14 @@ def _files(run_dir: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in skip and "checkpoints" not in p.parts}
 
 
+def _interrupt(data: Path, run_dir: Path, monkeypatch, where: str) -> None:
+    """Run until the fault point ``where`` (``step:N``, ``finish:N``) stops it, as a kill would."""
+    monkeypatch.setenv(FAULT_ENV, f"raise@{where}")
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_run(_run(data)), run_dir)
+    monkeypatch.delenv(FAULT_ENV)
+
+
 def _summary(run_dir: Path) -> dict:
     s = json.loads((run_dir / "summary.json").read_text())
     return {k: v for k, v in s.items() if k not in ("wall_time_s", "run_dir")}
@@ -103,10 +111,7 @@ def test_flipped_bits_in_the_newest_checkpoint_are_skipped(data, tmp_path, monke
     reference = tmp_path / "ref"
     train(compose_run(_run(data)), reference)
     run_dir = tmp_path / "run"
-    monkeypatch.setenv(FAULT_ENV, "raise@step:7")
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_run(_run(data)), run_dir)
-    monkeypatch.delenv(FAULT_ENV)
+    _interrupt(data, run_dir, monkeypatch, "step:7")
     newest = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
     raw = bytearray(newest.read_bytes())
     for i in range(len(raw) // 2, len(raw) // 2 + 64):
@@ -122,10 +127,7 @@ def test_flipped_bits_in_the_newest_checkpoint_are_skipped(data, tmp_path, monke
 
 def test_a_checkpoint_beyond_the_run_is_refused(data, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    monkeypatch.setenv(FAULT_ENV, "raise@step:5")
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_run(_run(data)), run_dir)
-    monkeypatch.delenv(FAULT_ENV)
+    _interrupt(data, run_dir, monkeypatch, "step:5")
     path, payload = latest_checkpoint(run_dir)
     payload.pop("format")
     payload["state"]["step"] = 100  # a well-formed, checksummed checkpoint of a step this run never has
@@ -157,10 +159,7 @@ def test_a_kill_while_the_final_files_are_written_changes_nothing(data, tmp_path
     reference = tmp_path / "ref"
     train(compose_run(_run(data)), reference)
     run_dir = tmp_path / "run"
-    monkeypatch.setenv(FAULT_ENV, "raise@finish:8")
-    with pytest.raises(KeyboardInterrupt):
-        train(compose_run(_run(data)), run_dir)
-    monkeypatch.delenv(FAULT_ENV)
+    _interrupt(data, run_dir, monkeypatch, "finish:8")
     (run_dir / "checkpoints" / ".step_00000008.pt.orphan.tmp").write_bytes(b"torn")  # a killed write's leftover
     train(compose_run(_run(data)), run_dir)
     history = [json.loads(x) for x in (run_dir / "rank_history.jsonl").read_text().splitlines()]
