@@ -1,0 +1,151 @@
+"""The tuning protocol (adalora_lab.protocol): widening a grid past its edge, choosing a point, and the whole
+pipeline (grid, widen, seeds) with a fake trainer whose metric peaks at a known learning rate."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from adalora_lab import protocol
+from adalora_lab.protocol import ProtocolError, choose, extend, read_grid_file, run_protocol
+from adalora_lab.summary import collect_runs
+
+
+def _write(folder: Path, *, method: str, lr: float, seed: int, acc: float | None, gamma: float | None = None,
+           status: str = "completed", best: float | None = None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"task": {"name": "mrpc"}, "method": {"name": method, "target_r": 2, "orth_reg_weight": gamma},
+           "optim": {"lr": lr}, "seed": seed}
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    summary = {"status": status, "task": "mrpc", "method": method, "target_r": 2, "seed": seed,
+               "main_metric": "accuracy", "higher_is_better": True,
+               "final": {} if acc is None else {"accuracy": acc},
+               "best": {} if acc is None else {"accuracy": acc if best is None else best}}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("grid, side, want", [
+    ([1e-3, 3e-3, 1e-2], "high", 3e-2), ([1e-3, 3e-3, 1e-2], "low", 3e-4),
+    ([3e-4, 1e-3, 3e-3, 1e-2], "high", 3e-2), ([0.1, 0.3], "high", 0.9), ([0.1, 0.3], "low", 0.0333)])
+def test_extend_steps_one_decade_of_the_grid_past_its_edge(grid, side, want):
+    assert math.isclose(extend(grid, side), want, rel_tol=1e-9)
+
+
+def test_choose_picks_the_best_completed_point_and_its_edge(tmp_path):
+    grid = {"optim.lr": [1e-3, 3e-3, 1e-2], "method.orth_reg_weight": [0.1, 0.3]}
+    accs = {(1e-3, 0.1): 0.70, (3e-3, 0.1): 0.80, (1e-2, 0.1): 0.75, (1e-3, 0.3): 0.71, (3e-3, 0.3): 0.79}
+    for i, ((lr, g), acc) in enumerate(accs.items()):
+        _write(tmp_path / str(i), method="adalora", lr=lr, gamma=g, seed=0, acc=acc)
+    # a failed run at the missing point does not count, even with a higher metric
+    _write(tmp_path / "failed", method="adalora", lr=1e-2, gamma=0.3, seed=0, acc=0.99, status="failed")
+    pick = choose(collect_runs(tmp_path), grid)
+    assert pick["point"] == {"optim.lr": 3e-3, "method.orth_reg_weight": 0.1}
+    assert pick["edge"] == {"optim.lr": "no", "method.orth_reg_weight": "low"}
+    assert pick["missing"] == [{"optim.lr": 1e-2, "method.orth_reg_weight": 0.3}]
+    assert len(pick["scores"]) == 5
+
+
+def test_choose_breaks_a_tie_on_the_best_epoch_then_the_first_point(tmp_path):
+    grid = {"optim.lr": [1e-3, 3e-3, 1e-2]}
+    _write(tmp_path / "a", method="lora", lr=1e-3, seed=0, acc=0.8, best=0.81)
+    _write(tmp_path / "b", method="lora", lr=3e-3, seed=0, acc=0.8, best=0.83)
+    _write(tmp_path / "c", method="lora", lr=1e-2, seed=0, acc=0.8, best=0.83)
+    assert choose(collect_runs(tmp_path), grid)["point"] == {"optim.lr": 3e-3}
+
+
+def _fake_trainer(sweep: Path, peak: float, calls: list, lock: threading.Lock):
+    """A runner whose accuracy falls with the distance (in decades) from ``peak``; seeds add a little noise."""
+    def run(overrides: list[str]) -> int:
+        kv = dict(o.split("=", 1) for o in overrides)
+        lr, seed, method = float(kv["optim.lr"]), int(kv["seed"]), kv["method"]
+        acc = 0.9 - 0.1 * abs(math.log10(lr / peak)) + 0.001 * seed
+        with lock:
+            calls.append((method, lr, seed))
+            folder = sweep / "mrpc" / f"{method}_r2" / f"lr{lr:g}" / f"seed{seed}"
+        _write(folder, method=method, lr=lr, seed=seed, acc=acc)
+        return 0
+    return run
+
+
+def _grid_file(tmp_path: Path, methods: dict, seeds=(0, 1, 2), max_extend=2) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({"max_extend": max_extend, "target_r": 2, "seeds": list(seeds),
+                                    "methods": methods}))
+    return path
+
+
+def test_the_protocol_widens_past_the_edge_then_runs_the_seeds_at_the_chosen_point(tmp_path):
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3, 1e-2]}})
+    report = run_protocol("mrpc", grid, sweep, None, jobs=2, runner=_fake_trainer(sweep, 3e-2, calls, lock))
+    rec = report["lora"]
+    # 1e-2 is best and at the top edge: 3e-2 is added; it is best and at the edge again: 1e-1 is added
+    assert rec["grid"] == {"optim.lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
+    assert rec["chosen"] == {"optim.lr": 3e-2} and rec["edge"] == {"optim.lr": "no"}
+    seeds = sorted(s for m, lr, s in calls if math.isclose(lr, 3e-2))
+    assert seeds == [0, 1, 2]
+    assert len(calls) == 7  # 5 seed-0 points and 2 seeds, nothing run twice
+    saved = json.loads((sweep / "mrpc" / "choices.json").read_text())
+    assert saved["lora"]["chosen"] == {"optim.lr": 3e-2}
+    # a rerun finds everything done and runs nothing
+    calls.clear()
+    run_protocol("mrpc", grid, sweep, None, jobs=2, runner=_fake_trainer(sweep, 3e-2, calls, lock))
+    assert calls == []
+
+
+def test_the_widening_stops_at_max_extend_and_the_report_says_the_edge(tmp_path):
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3]}}, seeds=(0,), max_extend=1)
+    rec = run_protocol("mrpc", grid, sweep, None, jobs=1, runner=_fake_trainer(sweep, 1.0, calls, lock))["lora"]
+    assert rec["grid"] == {"optim.lr": [1e-3, 3e-3, 9e-3]} and rec["edge"] == {"optim.lr": "high"}
+
+
+def test_earlier_methods_run_first_and_a_failing_method_does_not_stop_the_others(tmp_path):
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3, 1e-2]},
+                                 "adalora": {"optim.lr": [1e-3, 3e-3, 1e-2]}}, seeds=(0,))
+    trainer = _fake_trainer(sweep, 3e-3, calls, lock)
+
+    def runner(overrides):
+        if "method=adalora" in overrides:
+            raise OSError("no such interpreter")
+        return trainer(overrides)
+
+    report = run_protocol("mrpc", grid, sweep, None, jobs=1, runner=runner)
+    assert [c[0] for c in calls] == ["lora"] * 3
+    assert report["lora"]["chosen"] == {"optim.lr": 3e-3}
+    assert report["adalora"]["error"] == "no seed-0 run completed"
+
+
+@pytest.mark.parametrize("text, field", [
+    ("methods: {lora: {optim.lr: [1e-3]}}\ntarget_r: 2\nseeds: []\nmax_extend: 1\n", "seeds"),
+    ("methods: {}\ntarget_r: 2\nseeds: [0]\nmax_extend: 1\n", "methods"),
+    ("methods: {lora: {optim.lr: 1e-3}}\ntarget_r: 2\nseeds: [0]\nmax_extend: 1\n", "methods.lora"),
+    ("methods: {lora: [\n", "grid.yaml:"),
+])
+def test_a_bad_grid_file_is_one_error_naming_the_field(tmp_path, text, field):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(ProtocolError, match=field.replace(".", r"\.")):
+        read_grid_file(path)
+
+
+def test_the_cli_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    assert protocol.main(["--task", "mrpc", "--grid", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read the grid file" in err[0] and "--grid" in err[0]
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3]}})
+    assert protocol.main(["--task", "mrpc", "--grid", str(grid), "--methods", "sora"]) == 2
+    assert "'sora'" in capsys.readouterr().err
+
+
+def test_the_shipped_grid_file_is_valid_and_every_grid_has_three_values():
+    spec = read_grid_file(Path(__file__).resolve().parents[1] / "experiments/grids/glue_converged.yaml")
+    assert set(spec["methods"]) == {"lora", "adalora", "sora", "increlora"}
+    assert all(len(spec["methods"][m]["optim.lr"]) >= 3 for m in spec["methods"])
+    assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3]
