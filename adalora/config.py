@@ -199,9 +199,11 @@ class SoRAConfig:
     paper's xi). The gates have their own Adam (betas 0.9/0.999, eps 1e-6, no weight decay) at ``sparse_lr``
     (None: the main learning rate, the authors' default), following the main schedule.
 
-    Budget-matched mode (opt-in, not in the authors' code): with ``target_r`` set, after optimizer step
-    ``total_steps - tfinal`` only the ``target_r * n_modules`` largest |g| stay non-zero; the others are zeroed and
-    frozen at 0 for the rest of the run, so at most that many gates are non-zero from then on.
+    Budget-matched mode (opt-in, not in the authors' code): with ``target_r`` set, b = ``target_r * n_modules``.
+    The threshold never takes the non-zero gates below b (when it would, the b largest |g| before it keep their
+    value), and after optimizer step ``total_steps - tfinal`` only the b largest |g| stay non-zero; the others are
+    zeroed and frozen at 0 for the rest of the run. So the run ends with exactly b non-zero gates, like LoRA at
+    rank ``target_r`` and AdaLoRA at the same target.
     """
 
     r: int = 8

@@ -49,6 +49,16 @@ def reference_threshold(g: torch.Tensor, tau: float) -> torch.Tensor:
     return g
 
 
+def budget_floor(before: torch.Tensor, after: torch.Tensor, eligible: torch.Tensor, budget: int) -> torch.Tensor:
+    """The threshold never takes the non-zero gates below ``budget``: when ``after`` (the gates once thresholded)
+    has fewer than ``budget`` non-zero entries, the ``budget`` largest ``|before|`` among ``eligible`` (the gates
+    before the threshold) keep their ``before`` value where the threshold zeroed them. Otherwise ``after``
+    unchanged. Tensor ops only (no host sync). before, after, eligible: (n,)."""
+    short = torch.count_nonzero(after) < budget  # () bool
+    protect = select_top(before.abs().masked_fill(~eligible, -1.0), budget)  # (n,) bool, ineligible never chosen
+    return torch.where(short & protect & eligible & (after == 0), before, after)
+
+
 def gate_adam_step(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                    steps: torch.Tensor, lr: float, betas: tuple, eps: float) -> None:
     """In place, per element: the Adam step of transformers.AdamW (correct_bias, no weight decay).
@@ -239,8 +249,12 @@ class SoRAGates:
             new_p, m, v, k = p.clone(), self.exp_avg.clone(), self.exp_avg_sq.clone(), self.steps.clone()
             gate_adam_step(new_p, grad, m, v, k, self.gate_lr, tuple(self.cfg.gate_betas), self.cfg.gate_eps)
             tau = self.threshold_at(t) * (self.gate_lr if self.cfg.threshold_scale == "lr" else 1.0)
+            stepped = new_p
             new_p = soft_threshold(new_p, tau) if self.cfg.prox == "soft" else reference_threshold(new_p, tau)
-            p = torch.where(live, new_p, p)
+            new_p = torch.where(live, new_p, p)
+            if self.target_budget is not None:  # budget-matched: never fewer than b non-zero gates
+                new_p = budget_floor(torch.where(live, stepped, p), new_p, ~self.frozen, self.target_budget)
+            p = new_p
             self.exp_avg = torch.where(live, m, self.exp_avg)
             self.exp_avg_sq = torch.where(live, v, self.exp_avg_sq)
             self.steps = torch.where(live, k, self.steps)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load, save
 
 from adalora import ConfigError, SoRAConfig, SoRAGates, SoRALinear, inject_sora
-from adalora.sora import gate_adam_step, lambda_stage, lambda_values, reference_threshold, soft_threshold
+from adalora.sora import budget_floor, gate_adam_step, lambda_stage, lambda_values, reference_threshold, soft_threshold
 
 TARGETS = ["0", "2"]
 
@@ -157,15 +157,40 @@ def test_budget_matched_mode_caps_the_nonzero_gates(make_mlp, batches):
         if t < 20:
             assert info.phase == "sparsify" and kept > 2  # the tiny threshold alone keeps most gates
         else:
-            assert info.phase == "final" and info.budget == 2 and kept <= 2
+            assert info.phase == "final" and info.budget == 2 and kept == 2
             assert torch.count_nonzero(gates.gates()[gates.frozen]) == 0  # frozen gates stay 0 despite gradients
     x = batches(1)[0][0]
     with torch.no_grad():
         before = model(x)
     pattern = gates.compact(opt)
-    assert sum(pattern.values()) <= 2 and all(a.r == pattern[n] for n, a in adapters.items())
+    assert sum(pattern.values()) == 2 and all(a.r == pattern[n] for n, a in adapters.items())
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+
+
+def test_budget_floor_restores_the_largest_zeroed_gates_only_when_short():
+    before = torch.tensor([0.5, -0.05, 0.02, -0.3, 0.01, 0.04])
+    after = soft_threshold(before, 0.1)  # 0.4, 0, 0, -0.2, 0, 0: two non-zero
+    everyone = torch.ones(6, dtype=torch.bool)
+    assert torch.equal(budget_floor(before, after, everyone, 2), after)  # not short: unchanged
+    out = budget_floor(before, after, everyone, 4)  # short by 2: the two largest zeroed |before| come back
+    assert out.tolist() == pytest.approx([0.4, -0.05, 0.0, -0.2, 0.0, 0.04])
+    not_1 = everyone.clone()
+    not_1[1] = False  # an ineligible (frozen) gate is never restored, however large
+    assert budget_floor(before, after, not_1, 4).tolist() == pytest.approx([0.4, 0.0, 0.02, -0.2, 0.0, 0.04])
+
+
+def test_budget_matched_mode_never_falls_below_the_budget_and_ends_on_it(make_mlp, batches):
+    """A threshold that alone zeroes every gate within a few steps: the floor keeps b = target_r · n non-zero."""
+    model, adapters, gates, opt = build(make_mlp, threshold=0.3, target_r=1, total_steps=30, tfinal=10)
+    plain = build(make_mlp, threshold=0.3, total_steps=30)
+    data = batches(30)
+    for t, batch in enumerate(data, start=1):
+        train_step(model, gates, opt, t, batch)
+        train_step(plain[0], plain[2], plain[3], t, batch)
+        assert sum(gates.rank_pattern().values()) >= 2
+    assert sum(plain[2].rank_pattern().values()) < 2  # without the floor the same threshold goes below b
+    assert sum(gates.rank_pattern().values()) == 2 and gates.budget == 2
 
 
 # ---------------------------------------------------------------------------------------------- compaction
