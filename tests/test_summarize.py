@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from adalora_lab import plots, summary
 from fake_runs import (
@@ -242,11 +243,29 @@ def test_collect_results_copies_small_files_only(tmp_path):
     assert len(completed) == 23 and "published 23 run folders" in out.stdout and "skipped 1" in out.stdout
     assert {p.name for p in dest.rglob("*") if p.is_file()} == {
         "config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
-        "planted_ranks.json", "index.csv"}
+        "planted_ranks.json", "command.txt", "index.csv"}
     paths = [str(p.relative_to(dest)) for p in dest.rglob("summary.json")]
     assert len(paths) == 23 and not [p for p in paths if "=" in p or "," in p]  # canonical: <task>/<cell>/seed<s>
     assert (dest / "runs" / "rte" / "adalora_r2" / "seed0" / "summary.json").is_file()
+    # each published run says how to rerun it: the overrides Hydra recorded, without the sweep's settings
+    assert (dest / "runs" / "rte" / "adalora_r2" / "seed0" / "command.txt").read_text() == (
+        "python experiments/train.py method=adalora seed=0\n")
+    with open(dest / "index.csv") as f:
+        index = list(csv.DictReader(f))
+    assert len(index) == 23 and all(r["command"].startswith("python experiments/train.py method=") for r in index)
     assert summary.summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
+
+
+def test_rerun_command_keeps_the_run_overrides_and_drops_the_sweep_settings(tmp_path):
+    from adalora_lab.publish import rerun_command
+
+    (tmp_path / ".hydra").mkdir()
+    assert rerun_command(tmp_path) is None  # no overrides recorded: no command
+    (tmp_path / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(
+        ["experiment=glue_converged", "hydra/launcher=parallel", "hydra.sweep.dir=multirun/x", "threads=1",
+         "hydra.launcher.n_jobs=2", "optim.lr=0.003", "tags=[a b]"]))
+    assert rerun_command(tmp_path) == ("python experiments/train.py experiment=glue_converged threads=1 "
+                                       "optim.lr=0.003 'tags=[a b]'")
 
 
 def test_allocation_rows_mean_rank_by_type_and_layer(summarized):

@@ -4,11 +4,13 @@
 
 Every completed run folder under SWEEP_DIR is copied to ``DEST_DIR/runs/<task>/<method>_r<r>[_<key>-<value>...]/
 seed<s>/`` with its small files (config.yaml, summary.json, metrics.jsonl, rank_pattern.json,
-rank_history.jsonl, planted_ranks.json, samples.jsonl). The ``<key>-<value>`` parts name the result-affecting
+rank_history.jsonl, planted_ranks.json, samples.jsonl) and ``command.txt``: the ``train.py`` command that reruns
+it, from the overrides Hydra recorded (a sweep's launcher and folder dropped, everything else kept, ``threads``
+included, since the thread count changes the float sums). The ``<key>-<value>`` parts name the result-affecting
 fields that vary between runs of one task, method and budget besides the seed (``optim.lr-0.003``), so the path
 says what the run was and holds no ``=`` or ``,``. Two runs with the same result-affecting config are one run
 (the first is kept, the other reported). ``DEST_DIR/index.csv`` lists every published run: its path, task,
-method, budget, seed, varied fields, final and best main metric. Runs that did not complete are reported and
+method, budget, seed, final and best main metric and the command. Runs that did not complete are reported and
 skipped. Rerunning adds new runs and refreshes the index. ``--figure-of`` also copies that run's
 figures/rank_history.png beside the index.
 """
@@ -19,16 +21,17 @@ import argparse
 import csv
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 from pathlib import Path
 
 import yaml
 
-from .rundir import CONFIG, INNER_DIRS, SMALL_FILES, SUMMARY, read_json
+from .rundir import COMMAND, CONFIG, HYDRA_OVERRIDES, INNER_DIRS, SMALL_FILES, SUMMARY, read_json
 from .schema import flatten, result_fields
 
-__all__ = ["canonical_name", "collect", "main"]
+__all__ = ["canonical_name", "collect", "main", "rerun_command"]
 
 _PATH_FIELDS = ("task.name", "method.name", "method.target_r", "seed")
 INDEX = "index.csv"
@@ -53,6 +56,22 @@ def canonical_name(cfg: dict, varied: list[str]) -> str:
     for key in varied:
         cell += f"_{key}-{_short(cfg.get(key))}"
     return f"{cfg['task.name']}/{cell}/seed{cfg['seed']}"
+
+
+_SWEEP_ONLY = ("hydra/launcher=", "hydra.launcher.", "hydra.sweep.", "hydra.sweeper.")
+
+
+def rerun_command(run: Path) -> str | None:
+    """``python experiments/train.py <overrides>`` from the run's ``.hydra/overrides.yaml``, or None without it.
+    The sweep's launcher and folder settings are dropped: the rerun is one run, in a folder of its own."""
+    try:
+        overrides = yaml.safe_load((run / HYDRA_OVERRIDES).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(overrides, list):
+        return None
+    kept = [str(o) for o in overrides if not str(o).startswith(_SWEEP_ONLY)]
+    return " ".join(["python", "experiments/train.py", *(shlex.quote(o) for o in kept)])
 
 
 def _runs(sweep_dir: Path) -> list[Path]:
@@ -88,6 +107,9 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
         for name in SMALL_FILES:
             if (run / name).is_file():
                 shutil.copy2(run / name, target / name)
+        command = rerun_command(run)
+        if command is not None:
+            (target / COMMAND).write_text(command + "\n")
         copied.append(target)
     write_index(dest)
     return copied, skipped
@@ -102,12 +124,13 @@ def write_index(dest: Path) -> Path:
         rows.append({"path": str(run.relative_to(dest)), "task": s.get("task"), "method": s.get("method"),
                      "target_r": s.get("target_r"), "seed": s.get("seed"), "main_metric": metric,
                      "final": (s.get("final") or {}).get(metric), "best": (s.get("best") or {}).get(metric),
-                     "best_step": (s.get("best") or {}).get("step"), "total_steps": s.get("total_steps")})
+                     "best_step": (s.get("best") or {}).get("step"), "total_steps": s.get("total_steps"),
+                     "command": (run / COMMAND).read_text().strip() if (run / COMMAND).is_file() else ""})
     path = dest / INDEX
     dest.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "task", "method", "target_r", "seed", "main_metric", "final",
-                                               "best", "best_step", "total_steps"])
+                                               "best", "best_step", "total_steps", "command"])
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -41,6 +41,8 @@ RANK_HISTORY = "rank_history.jsonl"
 RANK_PATTERN = "rank_pattern.json"
 PLANTED = "planted_ranks.json"
 SAMPLES = "samples.jsonl"
+COMMAND = "command.txt"  # published runs: the train.py command that reruns this run (from .hydra/overrides.yaml)
+HYDRA_OVERRIDES = Path(".hydra") / "overrides.yaml"  # written by Hydra: the overrides of this run
 ADAPTER = "adapter"
 MODEL = "model.pt"
 FIGURES = "figures"
@@ -48,7 +50,7 @@ CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 
 # What a published result keeps of a run: small text files, never weights or checkpoints.
-SMALL_FILES = (CONFIG, SUMMARY, METRICS, RANK_PATTERN, RANK_HISTORY, PLANTED, SAMPLES)
+SMALL_FILES = (CONFIG, SUMMARY, METRICS, RANK_PATTERN, RANK_HISTORY, PLANTED, SAMPLES, COMMAND)
 # A folder holding any of these is a run folder (folder names are never relied on).
 RUN_MARKERS = (SUMMARY, CONFIG, METRICS)
 # Folders inside a run folder that are never run folders themselves.
