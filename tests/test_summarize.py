@@ -442,3 +442,10 @@ def test_majority_class_reference(tmp_path, summarized):
     _, _, result = summarized  # no data folder: the full RTE dev set's majority class; the uniform allocation
     assert result["references"]["rte", "accuracy"] == (pytest.approx(146 / 277), "majority class")
     assert result["references"]["planted_rank", "rank_recovery"] == (pytest.approx(0.25), "uniform allocation")
+
+
+def test_split_by_labels_leave_out_keys_a_run_does_not_set():
+    runs = [{"base_method": "lora", "config": {"optim": {"lr": 0.001}, "method": {"orth_reg_weight": None}}},
+            {"base_method": "adalora", "config": {"optim": {"lr": 0.01}, "method": {"orth_reg_weight": 0.1}}}]
+    labels = [r["method"] for r in summary.split_by(runs, ["optim.lr", "method.orth_reg_weight"])]
+    assert labels == ["lora optim.lr=0.001", "adalora optim.lr=0.01 method.orth_reg_weight=0.1"]

@@ -824,11 +824,12 @@ def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
 
 def split_by(runs: list[dict], keys: list[str]) -> list[dict]:
     """Runs whose method label carries the value of each dotted config key (``lora optim.lr=0.001``); ``by``
-    holds the values ({key: value}, "unset" where the config lacks the key) and ``base_method`` the method."""
+    holds the values ({key: value}, "unset" where the config lacks the key) and ``base_method`` the method. A key
+    that is null or unset in a run (``method.orth_reg_weight`` of LoRA) stays out of its label."""
     out = []
     for run in runs:
         by = {k: _cfg_get(run["config"], k, "unset") for k in keys}
-        label = " ".join([str(run["base_method"])] + [f"{k}={v}" for k, v in by.items()])
+        label = " ".join([str(run["base_method"])] + [f"{k}={v}" for k, v in by.items() if v not in (None, "unset")])
         out.append({**run, "method": label, "by": by})
     return out
 
