@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from adalora_lab.loop import train
 from helpers import FOLDERS, ROOT, compose_run, options
@@ -217,3 +218,32 @@ def test_parallel_launcher_shares_the_cores(tmp_path):
     threads = [yaml.safe_load(p.read_text())["threads"] for p in sweep.rglob("config.yaml")
                if p.parent.name != ".hydra"]
     assert threads == [max(1, (os.cpu_count() or 1) // 2)] * 2
+
+
+def test_lambda_lr_scale_moves_only_lambda_faster(tmp_path):
+    """method=adalora_lambda_lr (opt-in): at step 1 Adam moves every λ from 0 by scale x lr, P, Q and the
+    classifier exactly as the reference run does (same forward, same gradients). Read from the step-1 checkpoint."""
+    from adalora_lab.resume import checkpoint_path, load_checkpoint
+
+    weights = {}
+    for name in ("adalora", "adalora_lambda_lr"):
+        run(["model=tiny_bert", "task=rte", f"method={name}", "method.target_r=2", "max_steps=4", "method.tinit=0.5",
+             "method.tfinal=0.25", "optim.weight_decay=0", "optim.warmup_ratio=0", "checkpoint_every=1",
+             "keep_checkpoints=4"], tmp_path / name)
+        weights[name] = load_checkpoint(checkpoint_path(tmp_path / name, 1))["model"]
+    ref, fast = weights["adalora"], weights["adalora_lambda_lr"]
+    lam = [k for k in ref if k.endswith("lora_E")]
+    assert lam and set(ref) == set(fast)
+    for k in ref:
+        if k.endswith("lora_E"):
+            assert ref[k].abs().max() > 0
+            torch.testing.assert_close(fast[k], 10.0 * ref[k], rtol=1e-3, atol=1e-9)
+        else:
+            assert torch.equal(fast[k], ref[k]), k
+
+
+def test_lambda_lr_scale_is_refused_where_there_is_no_lambda(tmp_path):
+    from adalora.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"method\.lambda_lr_scale.*method=adalora_lambda_lr"):
+        run(["model=tiny_bert", "task=rte", "method=lora", "method.lambda_lr_scale=10"], tmp_path / "r")

@@ -293,9 +293,12 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
             raise ConfigError(f"{resume[0]} holds tensors this model lacks ({sorted(missing)[:3]})")
         model.load_state_dict(ckpt["model"], strict=False)
     own = {id(p) for p in adaptive.own_parameters(allocator)} if allocator is not None else set()
-    main_params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
-    optimizer = torch.optim.AdamW(main_params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                  weight_decay=o.weight_decay)
+    main_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in own]
+    scale = cfg.method.lambda_lr_scale
+    groups = [{"params": [p for _, p in main_params]}] if scale == 1 else [  # Λ in a group of its own (opt-in)
+        {"params": [p for n, p in main_params if not n.endswith("lora_E")]},
+        {"params": [p for n, p in main_params if n.endswith("lora_E")], "lr_scale": scale}]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if allocator is not None:
         adaptive.attach_optimizer(allocator, optimizer)  # IncreLoRA lays out its growth groups as saved
     if resume is not None:  # restore: the optimizer over the final tensors, the RNG, the counters
@@ -338,7 +341,7 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
     t = state.step + 1
     lr = lr_at(t, run.total_steps, o.lr, run.warmup, o.schedule)  # 1. lr
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: only the opt-in Λ group has one
     alloc = run.allocator
     if alloc is not None:
         adaptive.set_lr(alloc, lr)  # SoRA's gates follow it; IncreLoRA's new groups warm up from it

@@ -130,6 +130,10 @@ class MethodConfig:
     lambda_num: Optional[int] = None
     lambda_stage_steps: Optional[int] = None
     budget_matched: bool = False  # SoRA: keep at most target_r x n_modules gates from total_steps - tfinal on
+    # AdaLoRA, opt-in (ours): Λ (every adapter's lora_E) trains at lambda_lr_scale x the learning rate, the rest
+    # at the learning rate. 1 is the reference (one learning rate for everything). Λ starts at 0 and Adam moves
+    # it by about lr per step, so this lifts the cap on ΔW's growth without a larger step for P, Q or the head.
+    lambda_lr_scale: float = 1.0
     # IncreLoRA
     grow_from: Optional[int] = None  # the starting rank of every module (IncreLoRAConfig.init_r)
     # the share of training by which growth is over: sets delta_t from the rounds the budget needs (ours; the
@@ -313,6 +317,12 @@ def validate_run_config(cfg: RunConfig) -> None:
     _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", o.warmup_ratio, "must be in [0, 1)", "e.g. 0.06")
     _need(o.max_grad_norm is None or o.max_grad_norm > 0, "optim.max_grad_norm", o.max_grad_norm,
           "must be > 0 or null (no clipping)", "e.g. optim.max_grad_norm=1.0")
+    m = cfg.method
+    _need(m.lambda_lr_scale > 0, "method.lambda_lr_scale", m.lambda_lr_scale, "must be > 0 (1 = one learning rate)",
+          "e.g. method.lambda_lr_scale=10")
+    _need(m.lambda_lr_scale == 1 or m.kind == "adalora", "method.lambda_lr_scale", m.lambda_lr_scale,
+          f"scales AdaLoRA's Λ, and method.kind={m.kind!r} has no Λ in the main optimizer",
+          "drop it, or use method=adalora_lambda_lr")
     t = cfg.task
     _need(t.max_length >= 8, "task.max_length", t.max_length, "must be >= 8 tokens", "e.g. task.max_length=128")
     for name in ("max_train_examples", "max_eval_examples"):
@@ -377,7 +387,7 @@ def resolve_schedule_steps(value: float, total_steps: int, name: str) -> int:
 
 # Method fields that the loop reads itself, or turns into a library field of another name.
 _LOOP_FIELDS = {"name", "kind", "target_r", "init_r_ratio", "init_r", "target_modules", "modules_to_save",
-                "compact", "tinit", "tfinal", "budget_matched", "grow_from", "grow_until"}
+                "compact", "tinit", "tfinal", "budget_matched", "grow_from", "grow_until", "lambda_lr_scale"}
 
 
 def _library_class(kind: str):

@@ -72,8 +72,9 @@ __all__ = ["SummarizeError", "METHOD_ORDER", "BASELINE", "PLATEAU_POINTS", "read
 EXTRA_METRICS = ("rank_recovery",)
 # Display order: LoRA, AdaLoRA, AdaLoRA's variants (the paper's ablations), then the rivals; full fine-tuning, the
 # reference, first. Other methods / tasks follow in alphabetical order.
-METHOD_ORDER = ("full", "lora", "adalora", "adalora_sensitivity_only", "adalora_magnitude", "adalora_no_orth",
-                "svd_lora", "prune_lora", "sora", "sora_budget", "sora_schedule", "increlora", "increlora_no_advance")
+METHOD_ORDER = ("full", "lora", "adalora", "adalora_lambda_lr", "adalora_sensitivity_only", "adalora_magnitude",
+                "adalora_no_orth", "svd_lora", "prune_lora", "sora", "sora_budget", "sora_schedule", "increlora",
+                "increlora_no_advance")
 TASK_ORDER = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "planted_rank")
 # Every other method is compared with this one, paired by seed, at the same task and budget.
 BASELINE = "lora"
