@@ -449,3 +449,12 @@ def test_split_by_labels_leave_out_keys_a_run_does_not_set():
             {"base_method": "adalora", "config": {"optim": {"lr": 0.01}, "method": {"orth_reg_weight": 0.1}}}]
     labels = [r["method"] for r in summary.split_by(runs, ["optim.lr", "method.orth_reg_weight"])]
     assert labels == ["lora optim.lr=0.001", "adalora optim.lr=0.01 method.orth_reg_weight=0.1"]
+
+
+def test_the_summary_reports_the_compute_of_the_completed_runs(summarized):
+    _, _, result = summarized
+    done = [r for r in result["runs"] if r["status"] == "completed"]
+    wall = sum(r["wall_time_s"] for r in done)
+    assert len(done) < len(result["runs"])  # the failed and crashed runs count nowhere
+    assert (f"Compute: {wall / 3600:.2f} h of run wall time and {30 * len(done):,} optimizer steps over the "
+            f"{len(done)} completed runs") in result["markdown"]

@@ -152,7 +152,7 @@ def load_run(run_dir, root=None) -> dict:
 
     Keys: path, rel (path relative to ``root``), status ("completed" | "failed" | "running" | "incomplete"),
     error, task, method, target_r, seed, main_metric, higher_is_better, final, best, trainable_params,
-    adapter_params, final_budget, wall_time_s, rank_pattern, planted_ranks, has_history, config, evals (the
+    adapter_params, final_budget, wall_time_s, total_steps, rank_pattern, planted_ranks, has_history, config, evals (the
     eval records of metrics.jsonl, see :func:`eval_records`), base_method (the method; ``method`` becomes a label
     with the ``--by`` values in :func:`split_by`) and by ({key: value} of ``--by``).
     """
@@ -211,6 +211,7 @@ def load_run(run_dir, root=None) -> dict:
         "adapter_params": summary.get("adapter_params"),
         "final_budget": summary.get("final_budget"),
         "wall_time_s": summary.get("wall_time_s"),
+        "total_steps": summary.get("total_steps"),
         "rank_pattern": None,
         "planted_ranks": None,
         "has_history": (run_dir / rundir.RANK_HISTORY).is_file(),
@@ -614,6 +615,11 @@ def _markdown(rows: list[dict], bad: list[dict], runs: list[dict], title: str, w
            f"Cells: {which} value of each task's main metric, mean ± sample std (ddof=1) over seeds; "
            "scores in [-1, 1] ×100, losses as-is (4 significant digits); ↑ higher / ↓ lower is better; "
            "best per task in bold.", ""]
+    done = [r for r in runs if r["status"] == "completed"]
+    wall = sum(_num(r["wall_time_s"]) or 0.0 for r in done)
+    steps = sum(int(_num(r["total_steps"]) or 0) for r in done)
+    out += [f"Compute: {wall / 3600:.2f} h of run wall time and {steps:,} optimizer steps over the {len(done)} "
+            "completed runs (each run's own time, summed; parallel runs overlap in real time).", ""]
     out += [table if main else "_No completed run._", ""]
     out += sections
     out += ["## Failed / incomplete runs", ""]
