@@ -230,29 +230,35 @@ def test_by_splits_rows_by_a_config_value(tmp_path):
 
 
 def test_collect_results_copies_small_files_only(tmp_path):
-    """collect_results.py: configs, metrics, summaries and rank files travel; weights and failed runs do not."""
+    """collect_results.py: configs, metrics, summaries and rank files travel, weights do not; a failed run is
+    published with its reason, a run still running is not."""
     sweep = make_multirun(tmp_path / "multirun")
     for run in sweep.rglob("summary.json"):
         (run.parent / "checkpoints").mkdir()
         (run.parent / "checkpoints" / "step_3.pt").write_bytes(b"weights")
         (run.parent / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    running = sweep / "rte" / "lora_r8" / "seed0"
+    write_run(running, task="rte", method="lora", target_r=8, seed=0, status="running", lr=0.02)
     dest = tmp_path / "published"
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "collect_results.py"), str(sweep), str(dest)],
                          capture_output=True, text=True, check=True)
-    completed = [p for p in sweep.rglob("summary.json") if json.loads(p.read_text())["status"] == "completed"]
-    assert len(completed) == 23 and "published 23 run folders" in out.stdout and "skipped 1" in out.stdout
+    status = [json.loads(p.read_text())["status"] for p in sweep.rglob("summary.json")]
+    assert status.count("completed") == 23 and status.count("failed") == 1 and status.count("running") == 1
+    assert "published 24 run folders" in out.stdout and "skipped 1" in out.stdout and "status running" in out.stdout
     assert {p.name for p in dest.rglob("*") if p.is_file()} == {
         "config.yaml", "summary.json", "metrics.jsonl", "rank_pattern.json", "rank_history.jsonl",
         "planted_ranks.json", "command.txt", "index.csv"}
     paths = [str(p.relative_to(dest)) for p in dest.rglob("summary.json")]
-    assert len(paths) == 23 and not [p for p in paths if "=" in p or "," in p]  # canonical: <task>/<cell>/seed<s>
+    assert len(paths) == 24 and not [p for p in paths if "=" in p or "," in p]  # canonical: <task>/<cell>/seed<s>
     assert (dest / "runs" / "rte" / "adalora_r2" / "seed0" / "summary.json").is_file()
     # each published run says how to rerun it: the overrides Hydra recorded, without the sweep's settings
     assert (dest / "runs" / "rte" / "adalora_r2" / "seed0" / "command.txt").read_text() == (
         "python experiments/train.py method=adalora seed=0\n")
     with open(dest / "index.csv") as f:
         index = list(csv.DictReader(f))
-    assert len(index) == 23 and all(r["command"].startswith("python experiments/train.py method=") for r in index)
+    assert len(index) == 24 and all(r["command"].startswith("python experiments/train.py method=") for r in index)
+    failed = [r for r in index if r["status"] == "failed"]
+    assert len(failed) == 1 and json.loads((dest / failed[0]["path"] / "summary.json").read_text())["error"]
     assert summary.summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
 
 

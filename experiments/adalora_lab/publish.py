@@ -2,17 +2,18 @@
 
     python experiments/collect_results.py SWEEP_DIR DEST_DIR [--figure-of RUN_SUBPATH]
 
-Every completed run folder under SWEEP_DIR is copied to ``DEST_DIR/runs/<task>/<method>_r<r>[_<key>-<value>...]/
+Every finished run folder under SWEEP_DIR (completed, or failed with its reason: a diverged run is a result
+of the sweep too, and the summary lists it) is copied to ``DEST_DIR/runs/<task>/<method>_r<r>[_<key>-<value>...]/
 seed<s>/`` with its small files (config.yaml, summary.json, metrics.jsonl, rank_pattern.json,
 rank_history.jsonl, planted_ranks.json, samples.jsonl) and ``command.txt``: the ``train.py`` command that reruns
 it, from the overrides Hydra recorded (a sweep's launcher and folder dropped, everything else kept, ``threads``
 included, since the thread count changes the float sums). The ``<key>-<value>`` parts name the result-affecting
 fields that vary between runs of one task, method and budget besides the seed (``optim.lr-0.003``), so the path
 says what the run was and holds no ``=`` or ``,``. Two runs with the same result-affecting config are one run
-(the first is kept, the other reported). ``DEST_DIR/index.csv`` lists every published run: its path, task,
-method, budget, seed, final and best main metric and the command. Runs that did not complete are reported and
-skipped. Rerunning adds new runs and refreshes the index. ``--figure-of`` also copies that run's
-figures/rank_history.png beside the index.
+(a completed one before a failed one, else the first; the other is reported). ``DEST_DIR/index.csv`` lists
+every published run: its path, status, task, method, budget, seed, final and best main metric and the command.
+Runs still running or cut off (no final status) are reported and skipped. Rerunning adds new runs and refreshes
+the index. ``--figure-of`` also copies that run's figures/rank_history.png beside the index.
 """
 
 from __future__ import annotations
@@ -84,10 +85,11 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
     skipped, good = [], []
     for run in _runs(sweep_dir):
         status = (read_json(run / SUMMARY) or {}).get("status")
-        if status != "completed" or not (run / CONFIG).is_file():
+        if status not in ("completed", "failed") or not (run / CONFIG).is_file():
             skipped.append(f"{run.relative_to(sweep_dir)}: status {status}")
             continue
-        good.append((run, _result_config(run)))
+        good.append((status != "completed", run, _result_config(run)))
+    good = [(run, cfg) for _, run, cfg in sorted(good, key=lambda g: g[0])]  # of two same configs, the completed
     keys = sorted({k for _, c in good for k in c} - set(_PATH_FIELDS))
     groups: dict[tuple, list[dict]] = {}  # a field that varies within one (task, method, budget) names the cell
     for _, c in good:
@@ -121,7 +123,8 @@ def write_index(dest: Path) -> Path:
     for run in _runs(dest / "runs") if (dest / "runs").is_dir() else []:
         s = read_json(run / SUMMARY) or {}
         metric = s.get("main_metric")
-        rows.append({"path": str(run.relative_to(dest)), "task": s.get("task"), "method": s.get("method"),
+        rows.append({"path": str(run.relative_to(dest)), "status": s.get("status"), "task": s.get("task"),
+                     "method": s.get("method"),
                      "target_r": s.get("target_r"), "seed": s.get("seed"), "main_metric": metric,
                      "final": (s.get("final") or {}).get(metric), "best": (s.get("best") or {}).get(metric),
                      "best_step": (s.get("best") or {}).get("step"), "total_steps": s.get("total_steps"),
@@ -129,8 +132,8 @@ def write_index(dest: Path) -> Path:
     path = dest / INDEX
     dest.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "task", "method", "target_r", "seed", "main_metric", "final",
-                                               "best", "best_step", "total_steps", "command"])
+        writer = csv.DictWriter(f, fieldnames=["path", "status", "task", "method", "target_r", "seed", "main_metric",
+                                               "final", "best", "best_step", "total_steps", "command"])
         writer.writeheader()
         writer.writerows(rows)
     return path
