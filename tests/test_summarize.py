@@ -464,3 +464,22 @@ def test_the_summary_reports_the_compute_of_the_completed_runs(summarized):
     assert len(done) < len(result["runs"])  # the failed and crashed runs count nowhere
     assert (f"Compute: {wall / 3600:.2f} h of run wall time and {30 * len(done):,} optimizer steps over the "
             f"{len(done)} completed runs") in result["markdown"]
+
+
+def test_each_method_is_compared_at_its_chosen_setting(tmp_path):
+    """With --by: the cell with the most seeds is the chosen one (a protocol's extra seeds), even when a
+    one-seed grid point scored higher; the paired difference is taken between the chosen cells."""
+    accs = {("lora", 1e-3): [0.60, 0.62, 0.64], ("lora", 3e-3): [0.90],
+            ("adalora", 1e-2): [0.70, 0.72, 0.75], ("adalora", 3e-2): [0.71]}
+    for (method, lr), values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path / f"{method}_{lr}" / f"seed{seed}", task="rte", method=method, target_r=2, seed=seed,
+                      final={"accuracy": acc}, lr=lr)
+    result = summary.summarize(tmp_path, out_dir=tmp_path / "out", plots_=False, by=["optim.lr"])
+    chosen = {r["base_method"]: r for r in result["chosen"]["final"] if r["is_main"]}
+    assert chosen["lora"]["method"] == "lora optim.lr=0.001" and chosen["adalora"]["method"] == "adalora optim.lr=0.01"
+    (diff,) = [d for d in result["chosen"]["paired_final"] if d["is_main"]]
+    assert diff["n"] == 3 and diff["mean"] == pytest.approx((0.10 + 0.10 + 0.11) / 3)
+    assert "## At each method's chosen setting" in result["markdown"]
+    # without the chosen cells nothing pairs: lora and adalora never share an optim.lr
+    assert not [d for d in result["paired_final"] if d["is_main"]]

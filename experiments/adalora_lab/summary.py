@@ -412,6 +412,35 @@ def paired_differences(rows: list[dict], baseline: str = BASELINE) -> list[dict]
     return out
 
 
+def chosen_cells(rows: list[dict], of: list[dict] | None = None) -> list[dict]:
+    """With ``--by``: per (task, method, target_r), the rows of one ``--by`` cell, the chosen setting: the cell
+    with the most seeds (a tuning protocol runs its extra seeds at the chosen point only), then the best mean
+    main metric; with ``of`` (chosen rows of the other evaluation), the same cells as those. Their ``by`` is
+    emptied, so that :func:`paired_differences` pairs each method at its chosen setting with LoRA at its own;
+    ``method`` (the label) keeps the values."""
+    cells: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        cells.setdefault((r["task"], r["base_method"], r["target_r"]), {}).setdefault(r["method"], []).append(r)
+    picked = None if of is None else {(r["task"], r["base_method"], r["target_r"]): r["method"] for r in of}
+
+    def rank(cell_rows):
+        main = next((r for r in cell_rows if r["is_main"]), None)
+        if main is None:
+            return (-1, 0.0)
+        return (main["n"], main["mean"] if main["higher_is_better"] else -main["mean"])
+
+    out = []
+    for key, group in cells.items():
+        if picked is None:
+            best = max(group.values(), key=rank)
+        elif picked.get(key) in group:
+            best = group[picked[key]]
+        else:
+            continue
+        out += [{**r, "by": {}} for r in best]
+    return out
+
+
 def _gain(evals: list[dict], metric: str, hib: bool, scale: float) -> float | None:
     """The last evaluation's improvement over the one before: points (x scale) for scores, % of the previous
     value for metrics shown unscaled (losses); None with fewer than two evaluations."""
@@ -724,6 +753,34 @@ def _paired_markdown(final: list[dict], best: list[dict], scales: dict) -> list[
             ""]
 
 
+def _chosen_markdown(final: list[dict], best: list[dict], paired_final: list[dict], paired_best: list[dict],
+                     scales: dict) -> list[str]:
+    if not final:
+        return []
+    best_of = {(r["task"], r["method"], r["target_r"], r["metric"]): r for r in best}
+    diff_of = {(d["task"], d["method"], d["target_r"], d["metric"]): d for d in paired_final}
+    bdiff_of = {(d["task"], d["method"], d["target_r"], d["metric"]): d for d in paired_best}
+    body = []
+    for r in [r for r in final if r["is_main"]]:
+        key = (r["task"], r["method"], r["target_r"], r["metric"])
+        scale = scales[r["metric"]]
+        b, d, bd = best_of.get(key), diff_of.get(key), bdiff_of.get(key)
+        row = [r["task"], _md_cell(r["method"]), _fmt_r(r["target_r"]), str(r["n"]), _fmt_params(r["adapter_params"]),
+               _fmt_value(r["mean"], r["std"], r["n"], scale),
+               "-" if b is None else _fmt_value(b["mean"], b["std"], b["n"], scale)]
+        for x in (d, bd):
+            row += ["—", "", ""] if x is None else [_fmt_diff(x, scale), _fmt_p(x["p_value"]), _fmt_sig(x)]
+        body.append(row)
+    head = ["task", "method (chosen setting)", "target_r", "n", "adapter params at the end", "final", "best epoch",
+            "final: Δ vs LoRA [95% CI]", "p", "significant", "best epoch: Δ vs LoRA [95% CI]", "p", "significant"]
+    return ["## At each method's chosen setting", "",
+            "Per task, method and budget, the --by cell with the most seeds (where a tuning protocol ran its extra "
+            "seeds), then the best mean: each method at its own chosen setting, and its paired difference with "
+            f"{BASELINE} at {BASELINE}'s chosen setting (paired by seed, 95% Student-t interval, as above).", "",
+            *_table(head, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---", "---:",
+                           "---:", "---"], body), ""]
+
+
 def _grid_markdown(grid: list[dict], scales: dict) -> list[str]:
     if not grid:
         return []
@@ -930,7 +987,9 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring).
 
     Returns ``{"runs", "rows", "final_rows", "best_rows", "failed", "paired", "paired_final", "paired_best",
-    "plateau", "grid", "references", "allocation", "markdown", "table", "files"}``: ``rows`` the ``which`` rows of
+    "plateau", "grid", "references", "allocation", "chosen", "markdown", "table", "files"}``: ``chosen`` (with
+    ``by`` only) {"final", "best": :func:`chosen_cells`, "paired_final", "paired_best": their paired differences};
+    ``rows`` the ``which`` rows of
     :func:`aggregate` (``final_rows`` / ``best_rows``: those of the final / the best evaluation), ``failed`` the
     unusable runs (with ``rel`` and ``problem``), ``paired`` (``paired_final``, ``paired_best``) the
     :func:`paired_differences` of the rows (final, best), ``plateau`` the :func:`plateau_rows`, ``grid`` the
@@ -959,6 +1018,12 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     paired_final, paired_best = (paired, paired_other) if which == "final" else (paired_other, paired)
     plateau = plateau_rows(runs, final, scales)
     grid = grid_checks(rows, list(by or []))
+    chosen = {}
+    if by:  # each method at its chosen setting, paired with LoRA at its own
+        chosen["final"] = chosen_cells(final)
+        chosen["best"] = chosen_cells(best, of=chosen["final"])  # the same cells, at their best evaluation
+        for name in ("final", "best"):
+            chosen[f"paired_{name}"] = paired_differences(chosen[name])
     refs = reference_lines(runs, rows)
     alloc = allocation_rows(runs, rows)
 
@@ -979,8 +1044,11 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
         files["heatmaps"] = _heatmaps(runs, rows, out)
     figures = [f for f in [files["comparison"], files["budget"], *files["learning_curves"], *files["growth"],
                            *files["heatmaps"]] if f]
-    sections = (_cells_markdown(final, best, plateau, scales) + _paired_markdown(paired_final, paired_best, scales)
-                + _grid_markdown(grid, scales) + _allocation_markdown(alloc))
+    sections = _cells_markdown(final, best, plateau, scales) + _paired_markdown(paired_final, paired_best, scales)
+    if chosen:
+        sections += _chosen_markdown(chosen["final"], chosen["best"], chosen["paired_final"], chosen["paired_best"],
+                                     scales)
+    sections += _grid_markdown(grid, scales) + _allocation_markdown(alloc)
     markdown, table = _markdown(rows, bad, runs, str(root), which, scales, sections, figures)
     md_path, csv_path = out / "summary.md", out / "summary.csv"
     md_path.write_text(markdown)
@@ -989,7 +1057,7 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
         print(markdown)
     return {"runs": runs, "rows": rows, "final_rows": final, "best_rows": best, "failed": bad, "paired": paired,
             "paired_final": paired_final, "paired_best": paired_best, "plateau": plateau, "grid": grid,
-            "references": refs, "allocation": alloc, "markdown": markdown, "table": table,
+            "references": refs, "allocation": alloc, "chosen": chosen, "markdown": markdown, "table": table,
             "files": {"md": str(md_path), "csv": str(csv_path), **files}}
 
 
