@@ -483,3 +483,31 @@ def test_each_method_is_compared_at_its_chosen_setting(tmp_path):
     assert "## At each method's chosen setting" in result["markdown"]
     # without the chosen cells nothing pairs: lora and adalora never share an optim.lr
     assert not [d for d in result["paired_final"] if d["is_main"]]
+
+
+def test_published_names_leave_out_null_fields_and_never_collide():
+    from adalora_lab.publish import canonical_name
+
+    base = {"task.name": "rte", "method.name": "sora", "method.target_r": 2, "seed": 0}
+    varied = ["method.l1_weight", "optim.lr"]
+    unset = {**base, "optim.lr": 0.02, "method.l1_weight": None}
+    assert canonical_name(unset, varied) == "rte/sora_r2_optim.lr-0.02/seed0"
+    assert canonical_name({**base, "optim.lr": 0.02, "method.l1_weight": 0.01}, varied) == (
+        "rte/sora_r2_method.l1_weight-0.01_optim.lr-0.02/seed0")
+    assert canonical_name({**base, "optim.lr": 0.02, "method.l1_weight": None}, varied, unset=True) == (
+        "rte/sora_r2_method.l1_weight-None_optim.lr-0.02/seed0")
+
+
+def test_the_grid_check_counts_a_failed_value_as_part_of_the_grid(tmp_path):
+    """lr 1e-2 diverged in every seed: 3e-3 is then inside the grid, not at its top edge; a run still going
+    counts nowhere."""
+    for lr, status in ((1e-3, "completed"), (3e-3, "completed"), (1e-2, "failed"), (3e-2, "running")):
+        for seed in range(2):
+            write_run(tmp_path / f"lr{lr}" / f"seed{seed}", task="rte", method="lora", target_r=2, seed=seed,
+                      status=status, final={"accuracy": 0.5 + 100 * lr} if status == "completed" else None,
+                      error="training diverged" if status == "failed" else None, lr=lr)
+    result = summary.summarize(tmp_path, out_dir=tmp_path / "out", plots_=False, by=["optim.lr"])
+    (g,) = result["grid"]
+    assert g["grid"] == [1e-3, 3e-3, 1e-2] and g["failed_values"] == [1e-2]
+    assert g["best_value"] == 3e-3 and g["edge"] == "no"
+    assert "0.01: failed" in result["markdown"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import hashlib
 import json
 import shlex
@@ -30,19 +31,21 @@ from pathlib import Path
 import yaml
 
 from .rundir import COMMAND, CONFIG, HYDRA_OVERRIDES, INNER_DIRS, SMALL_FILES, SUMMARY, read_json
-from .schema import flatten, result_fields
+from .schema import RunConfig, flatten, result_fields
 
 __all__ = ["canonical_name", "collect", "main", "rerun_command"]
 
+_DEFAULTS = flatten(dataclasses.asdict(RunConfig()))
 _PATH_FIELDS = ("task.name", "method.name", "method.target_r", "seed")
 INDEX = "index.csv"
 
 
 def _result_config(run: Path) -> dict:
-    """The run's result-affecting fields, flattened (``optim.lr`` -> value)."""
-    cfg = yaml.safe_load((run / CONFIG).read_text()) or {}
+    """The run's result-affecting fields, flattened (``optim.lr`` -> value). A field the saved config lacks
+    (written before the field existed) takes its schema default, as a resume does."""
+    cfg = {**_DEFAULTS, **flatten(yaml.safe_load((run / CONFIG).read_text()) or {})}
     _, ignored = result_fields()
-    return {k: v for k, v in flatten(cfg).items()
+    return {k: v for k, v in cfg.items()
             if not k.startswith("inputs") and not any(k == s or k.startswith(s + ".") for s in ignored)}
 
 
@@ -51,11 +54,14 @@ def _short(value) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "-" for c in text)
 
 
-def canonical_name(cfg: dict, varied: list[str]) -> str:
-    """``<task>/<method>_r<r>[_<key>-<value>...]/seed<s>`` for a flattened result config."""
+def canonical_name(cfg: dict, varied: list[str], unset: bool = False) -> str:
+    """``<task>/<method>_r<r>[_<key>-<value>...]/seed<s>`` for a flattened result config. A varied key that is
+    null in this run (the library default, or a field of another method) stays out of the name, unless
+    ``unset``."""
     cell = f"{cfg['method.name']}_r{cfg['method.target_r']}"
     for key in varied:
-        cell += f"_{key}-{_short(cfg.get(key))}"
+        if cfg.get(key) is not None or unset:
+            cell += f"_{key}-{_short(cfg.get(key))}"
     return f"{cfg['task.name']}/{cell}/seed{cfg['seed']}"
 
 
@@ -97,6 +103,7 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
     varied = [k for k in keys if any(len({json.dumps(c.get(k), sort_keys=True, default=str) for c in g}) > 1
                                      for g in groups.values())]
     seen: dict[str, Path] = {}
+    taken: dict[str, str] = {}  # published name -> config digest
     copied = []
     for run, cfg in good:
         digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
@@ -104,7 +111,11 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
             skipped.append(f"{run.relative_to(sweep_dir)}: the same config as {seen[digest].relative_to(sweep_dir)}")
             continue
         seen[digest] = run
-        target = dest / "runs" / canonical_name(cfg, varied)
+        name = canonical_name(cfg, varied)
+        if taken.setdefault(name, digest) != digest:  # null and an explicit default: spell every key out
+            name = canonical_name(cfg, varied, unset=True)
+            taken[name] = digest
+        target = dest / "runs" / name
         target.mkdir(parents=True, exist_ok=True)
         for name in SMALL_FILES:
             if (run / name).is_file():

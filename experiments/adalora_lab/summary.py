@@ -474,11 +474,12 @@ def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
     return out
 
 
-def grid_checks(rows: list[dict], keys: list[str]) -> list[dict]:
+def grid_checks(rows: list[dict], keys: list[str], failed: list[dict] | None = None) -> list[dict]:
     """For each numeric ``--by`` key: per (task, method, target_r, metric, other --by values), the grid of values,
     the best one by the mean main metric, and ``edge``: "low" / "high" when the best is the smallest / largest
-    value of the grid (the optimum may lie outside it), "no" when inside. Keys with non-numeric values and
-    grids of one value are skipped."""
+    value of the grid (the optimum may lie outside it), "no" when inside. A value at which every run failed
+    (``failed``: the unusable runs, e.g. diverged) is part of the grid, listed in ``failed_values``, and never the
+    best. Keys with non-numeric values and grids of one value are skipped."""
     out = []
     for key in keys:
         cells: dict[tuple, list[dict]] = {}
@@ -489,7 +490,12 @@ def grid_checks(rows: list[dict], keys: list[str]) -> list[dict]:
         for (task, method, target_r, metric, others), group in cells.items():
             if any(_num(g["by"][key]) is None or isinstance(g["by"][key], bool) for g in group):
                 continue
-            grid = sorted({float(g["by"][key]) for g in group})
+            done = {float(g["by"][key]) for g in group}
+            lost = sorted({float(b["by"][key]) for b in failed or [] if b.get("status") == "failed"
+                           and (b["task"], b["base_method"], b["target_r"]) == (task, method, target_r)
+                           and tuple((k, v) for k, v in b["by"].items() if k != key) == others
+                           and _num(b["by"].get(key)) is not None and float(b["by"][key]) not in done})
+            grid = sorted(done | set(lost))
             if len(grid) < 2:
                 continue
             hib = all(g["higher_is_better"] for g in group)
@@ -500,7 +506,7 @@ def grid_checks(rows: list[dict], keys: list[str]) -> list[dict]:
                         "others": dict(others), "grid": grid, "best_value": best["by"][key],
                         "best_label": best["method"], "best_mean": best["mean"], "best_std": best["std"],
                         "best_n": best["n"], "means": {float(g["by"][key]): g["mean"] for g in group},
-                        "edge": edge})
+                        "failed_values": lost, "edge": edge})
     out.sort(key=lambda g: (_order(g["task"], TASK_ORDER), _order(g["method"], METHOD_ORDER),
                             _r_key(g["target_r"]), g["key"]))
     return out
@@ -787,19 +793,21 @@ def _grid_markdown(grid: list[dict], scales: dict) -> list[str]:
     body = []
     for g in grid:
         scale = scales[g["metric"]]
-        means = ", ".join(f"{_fmt_num(v)}: {_fmt_value(m, float('nan'), 1, scale).split(' ')[0]}"
-                          for v, m in sorted(g["means"].items()))
+        points = {**{v: _fmt_value(m, float("nan"), 1, scale).split(" ")[0] for v, m in g["means"].items()},
+                  **{v: "failed" for v in g.get("failed_values", [])}}
+        means = ", ".join(f"{_fmt_num(v)}: {text}" for v, text in sorted(points.items()))
         edge = "no" if g["edge"] == "no" else f"**yes ({g['edge']} edge)**"
         if len(g["grid"]) == 2:
             edge += ", 2-point grid"
-        others = " ".join(f"{k}={v}" for k, v in g["others"].items())
+        others = " ".join(f"{k}={v}" for k, v in g["others"].items() if v not in (None, "unset"))
         body.append([g["task"], _md_cell(" ".join(filter(None, [g["method"], others]))), _fmt_r(g["target_r"]),
                      g["key"], means, _fmt_num(g["best_value"]),
                      _fmt_value(g["best_mean"], g["best_std"], g["best_n"], scale), edge])
     head = ["task", "method", "target_r", "key", "grid (value: mean)", "best", "best mean ± std", "at an edge"]
     return ["## Grid check", "",
-            "Per cell and numeric --by key: the grid's mean main metric at each value and whether the best value "
-            "is the grid's smallest or largest (then the optimum may lie outside the grid: extend it).", "",
+            "Per cell and numeric --by key: the grid's mean main metric at each value (\"failed\": every run "
+            "there failed, e.g. diverged) and whether the best value is the grid's smallest or largest (then the "
+            "optimum may lie outside the grid: extend it).", "",
             *_table(head, ["---", "---", "---:", "---", "---", "---:", "---:", "---"], body), ""]
 
 
@@ -1017,7 +1025,7 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     paired, paired_other = paired_differences(rows), paired_differences(other)
     paired_final, paired_best = (paired, paired_other) if which == "final" else (paired_other, paired)
     plateau = plateau_rows(runs, final, scales)
-    grid = grid_checks(rows, list(by or []))
+    grid = grid_checks(rows, list(by or []), failed=bad)
     chosen = {}
     if by:  # each method at its chosen setting, paired with LoRA at its own
         chosen["final"] = chosen_cells(final)
