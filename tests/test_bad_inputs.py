@@ -389,3 +389,13 @@ def test_earlier_run_folder_untouched(work, sub_results):
     assert _digest(work["run_a"]) == work["digest_a"]
     b = sub_results["resume_other_config"]["run_dir"]
     assert not (b / "checkpoints").exists() and _train_steps(b) == []
+
+
+def test_a_command_line_hydra_refuses_is_one_line():
+    """Hydra's own checks of the command line (here -m with --cfg) raise before our main: one line, no trace."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    p = subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), "-m", "--cfg", "job"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("adalora: error: Only one of --run, --multirun"), p.stderr

@@ -126,4 +126,10 @@ def main(cfg: DictConfig) -> float | None:
 def run() -> None:
     """Console-script entry point (``adalora-train``) and ``python experiments/train.py``."""
     os.environ.setdefault("WANDB_SILENT", "true")
-    main()
+    try:
+        main()
+    except ValueError as e:  # Hydra's own command-line checks (e.g. -m with --cfg), before any run starts
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"adalora: error: {e}. Fix the command line (python experiments/train.py --help)", file=sys.stderr)
+        sys.exit(2)
