@@ -72,10 +72,10 @@ def _fake_trainer(sweep: Path, peak: float, calls: list, lock: threading.Lock):
     return run
 
 
-def _grid_file(tmp_path: Path, methods: dict, seeds=(0, 1, 2), max_extend=2) -> Path:
+def _grid_file(tmp_path: Path, methods: dict, seeds=(0, 1, 2), max_extend=2, widen=None) -> Path:
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({"max_extend": max_extend, "target_r": 2, "seeds": list(seeds),
-                                    "methods": methods}))
+    spec = {"max_extend": max_extend, "target_r": 2, "seeds": list(seeds), "methods": methods}
+    path.write_text(yaml.safe_dump(spec if widen is None else {**spec, "widen": widen}))
     return path
 
 
@@ -85,7 +85,8 @@ def test_the_protocol_widens_past_the_edge_then_runs_the_seeds_at_the_chosen_poi
     report = run_protocol("mrpc", grid, sweep, None, jobs=2, runner=_fake_trainer(sweep, 3e-2, calls, lock))
     rec = report["lora"]
     # 1e-2 is best and at the top edge: 3e-2 is added; it is best and at the edge again: 1e-1 is added
-    assert rec["grid"] == {"optim.lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
+    assert rec["line"] == {"optim.lr": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]}
+    assert rec["widened"] == [{"optim.lr": 3e-2}, {"optim.lr": 1e-1}]
     assert rec["chosen"] == {"optim.lr": 3e-2} and rec["edge"] == {"optim.lr": "no"}
     seeds = sorted(s for m, lr, s in calls if math.isclose(lr, 3e-2))
     assert seeds == [0, 1, 2]
@@ -102,7 +103,34 @@ def test_the_widening_stops_at_max_extend_and_the_report_says_the_edge(tmp_path)
     sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
     grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3]}}, seeds=(0,), max_extend=1)
     rec = run_protocol("mrpc", grid, sweep, None, jobs=1, runner=_fake_trainer(sweep, 1.0, calls, lock))["lora"]
-    assert rec["grid"] == {"optim.lr": [1e-3, 3e-3, 9e-3]} and rec["edge"] == {"optim.lr": "high"}
+    assert rec["line"] == {"optim.lr": [1e-3, 3e-3, 9e-3]} and rec["edge"] == {"optim.lr": "high"}
+
+
+def test_a_key_is_widened_at_the_chosen_values_of_the_other_keys(tmp_path):
+    """Two keys: lr at its low edge widens by one point, at the chosen gamma only (not the whole product);
+    gamma, at its edge too, is not in ``widen`` and stays."""
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    grid = _grid_file(tmp_path, {"adalora": {"optim.lr": [1e-3, 3e-3, 1e-2], "method.orth_reg_weight": [0.1, 0.3]}},
+                      seeds=(0,), max_extend=1, widen=["optim.lr"])  # gamma 0.3 is at its edge, and stays
+
+    def folder_of(overrides):
+        kv = dict(o.split("=", 1) for o in overrides)
+        return f"lr{float(kv['optim.lr']):g}_g{kv['method.orth_reg_weight']}"
+
+    def runner(overrides):  # accuracy peaks at lr 3e-4; gamma 0.3 a little better everywhere
+        kv = dict(o.split("=", 1) for o in overrides)
+        lr, g = float(kv["optim.lr"]), float(kv["method.orth_reg_weight"])
+        with lock:
+            calls.append((lr, g))
+        _write(sweep / "mrpc" / "adalora_r2" / folder_of(overrides) / "seed0", method="adalora", lr=lr, seed=0,
+               gamma=g, acc=0.9 - 0.1 * abs(math.log10(lr / 3e-4)) + g)
+        return 0
+
+    rec = run_protocol("mrpc", grid, sweep, None, jobs=2, runner=runner)["adalora"]
+    assert len(calls) == 7 and (3e-4, 0.3) in calls and (3e-4, 0.1) not in calls  # 6 + 1, not 6 + 2
+    assert rec["chosen"] == {"optim.lr": 3e-4, "method.orth_reg_weight": 0.3}
+    assert rec["line"] == {"optim.lr": [3e-4, 1e-3, 3e-3, 1e-2]}  # gamma has one value at lr 3e-4: no line
+    assert rec["edge"] == {"optim.lr": "low"}  # max_extend reached: the report says so
 
 
 def test_earlier_methods_run_first_and_a_failing_method_does_not_stop_the_others(tmp_path):
@@ -148,4 +176,4 @@ def test_the_shipped_grid_file_is_valid_and_every_grid_has_three_values():
     spec = read_grid_file(Path(__file__).resolve().parents[1] / "experiments/grids/glue_converged.yaml")
     assert set(spec["methods"]) == {"lora", "adalora", "sora", "increlora", "adalora_lambda_lr"}
     assert all(len(spec["methods"][m]["optim.lr"]) >= 3 for m in spec["methods"])
-    assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3]
+    assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3] and spec["widen"] == ["optim.lr"]

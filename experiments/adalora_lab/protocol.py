@@ -6,16 +6,18 @@ For each method of the grid file (``experiments/grids/glue_converged.yaml``):
 
 1. run seed 0 at every point of the method's grid (the product of its keys' values);
 2. choose the point with the best final dev metric (ties: the best-epoch metric, then the first point);
-3. when the chosen value of a numeric key lies at an edge of its grid, add the next value past that edge (one
-   decade step of the grid's spacing) and go back to 2, at most ``max_extend`` times per key; so the chosen value
-   is always inside its grid, or the report says it is not;
+3. when the chosen value of a numeric key (of the grid file's ``widen`` list) lies at an edge of its grid, add
+   the next value past that edge (one decade step of the grid's spacing), at the chosen values of the other keys,
+   and go back to 2, at most ``max_extend`` times per key; so the chosen value is always inside its grid, or the
+   report says it is not;
 4. run the other seeds at the chosen point.
 
 Every run is one ``train.py -m`` job into the sweep folder, so its folder is the one Hydra's sweep gives it
 (``<sweep>/<task>/<method>_r<r>/<overrides>/seed<s>``): a rerun of this command reuses finished runs, resumes
 killed ones from their checkpoints and starts only what is missing. ``jobs`` runs go at a time, one thread
 each; earlier methods go first, so the first comparison completes before the rivals start. The choices are
-written to ``<sweep>/<task>/choices.json`` (grid, metric per point, chosen point, edge).
+written to ``<sweep>/<task>/choices.json`` (grid, widened points, each key's values through the chosen point,
+metric per point, chosen point, edge).
 """
 
 from __future__ import annotations
@@ -86,28 +88,33 @@ def _get(cfg: dict, dotted: str):
     return cfg
 
 
-def choose(runs: list[dict], grid: dict[str, list]) -> dict:
-    """The best completed run among ``runs`` over the points of ``grid``; per numeric key its edge.
+def choose(runs: list[dict], grid: dict[str, list], extra: list[dict] | tuple = ()) -> dict:
+    """The best completed run among ``runs`` over the points of ``grid`` (its product) and the ``extra`` points
+    (a widened key's new value, at the chosen values of the other keys); per numeric key its edge along the
+    line through the best point (the key's values at the best point's other values).
 
     Returns {"point": {key: value} | None, "scores": [[point, final, best], ...], "edge": {key: "low"|"high"|"no"},
-    "missing": [points without a completed run]}."""
+    "line": {key: sorted values along that line}, "missing": [points without a completed run]}."""
     keys = list(grid)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+    points += [p for p in extra if not any(all(_close(q[k], p[k]) for k in keys) for q in points)]
     scored, missing = [], []
     for p in points:
         match = [r for r in runs if all(_close(_get(r["config"], k), v) for k, v in p.items())]
         s = max((_score(r) for r in match if _score(r) is not None), default=None)
         (scored if s is not None else missing).append((p, s) if s is not None else p)
     if not scored:
-        return {"point": None, "scores": [], "edge": {}, "missing": missing}
+        return {"point": None, "scores": [], "edge": {}, "line": {}, "missing": missing}
     best_point, _ = max(scored, key=lambda ps: ps[1])  # max keeps the first of equal scores
-    edge = {}
+    edge, line = {}, {}
     for k in keys:
-        vals = sorted(grid[k])
+        vals = sorted({p[k] for p in points if all(_close(p[o], best_point[o]) for o in keys if o != k)})
         if len(vals) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
             v = best_point[k]
             edge[k] = "low" if _close(v, vals[0]) else "high" if _close(v, vals[-1]) else "no"
-    return {"point": best_point, "scores": [[p, s[0], s[1]] for p, s in scored], "edge": edge, "missing": missing}
+            line[k] = vals
+    return {"point": best_point, "scores": [[p, s[0], s[1]] for p, s in scored], "edge": edge, "line": line,
+            "missing": missing}
 
 
 def _close(a, b) -> bool:
@@ -177,13 +184,15 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
               report: dict, lock: threading.Lock, ready: threading.Barrier) -> None:
     grid = {k: list(v) for k, v in grid.items()}
     r, seeds, max_extend = spec["target_r"], spec["seeds"], spec["max_extend"]
+    widenable = set(spec.get("widen", grid))
     common = [f"method={method}", f"method.target_r={r}"]
     extended = {k: 0 for k in grid}
+    extra: list[dict] = []  # widened points: a key's next value at the chosen values of the other keys
     first = True
     while True:
         done = _runs_of(sweep, task, method, r)
         seed0 = [x for x in done if x.get("seed") == seeds[0]]
-        pending = choose(seed0, grid)["missing"]
+        pending = choose(seed0, grid, extra)["missing"]
         started = [x["config"] for x in seed0 if x.get("status") != "completed"]
         # a killed run resumes first, whatever its method, so that its checkpoint is not wasted
         jobs = [pool.submit(-1 if any(all(_close(_get(c, k), v) for k, v in p.items()) for c in started)
@@ -200,22 +209,23 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
             j.done.wait()
         if pool.dry_run:
             return
-        pick = choose([x for x in _runs_of(sweep, task, method, r) if x.get("seed") == seeds[0]], grid)
+        pick = choose([x for x in _runs_of(sweep, task, method, r) if x.get("seed") == seeds[0]], grid, extra)
         if pick["point"] is None:
             with lock:
                 report[method] = {"grid": grid, "error": "no seed-0 run completed"}
             return
-        widen = [(k, side) for k, side in pick["edge"].items() if side != "no" and extended[k] < max_extend]
+        widen = [(k, side) for k, side in pick["edge"].items()
+                 if side != "no" and k in widenable and extended[k] < max_extend]
         if not widen:
             break
         for k, side in widen:
-            grid[k] = sorted(grid[k] + [extend(grid[k], side)])
+            extra.append({**pick["point"], k: extend(pick["line"][k], side)})
             extended[k] += 1
     point = pick["point"]
     cell = [*common, *(f"{k}={_fmt(v)}" for k, v in point.items())]
     with lock:
-        report[method] = {"grid": grid, "chosen": point, "edge": pick["edge"], "seed0_scores": pick["scores"],
-                          "cell": " ".join(cell)}
+        report[method] = {"grid": grid, "widened": extra, "line": pick["line"], "chosen": point,
+                          "edge": pick["edge"], "seed0_scores": pick["scores"], "cell": " ".join(cell)}
     at_point = [x for x in _runs_of(sweep, task, method, r)
                 if _score(x) is not None and all(_close(_get(x["config"], k), v) for k, v in point.items())]
     have = {x.get("seed") for x in at_point}
@@ -230,7 +240,7 @@ class ProtocolError(ValueError):
 
 def read_grid_file(path) -> dict:
     """The grid file, checked: ``methods`` maps each method to {dotted key: [values]}; ``target_r``, ``seeds``
-    (the first tunes) and ``max_extend`` are set."""
+    (the first tunes) and ``max_extend`` are set; ``widen`` (optional) lists the keys that may be widened."""
     path = Path(path)
     try:
         spec = yaml.safe_load(path.read_text())
@@ -246,7 +256,9 @@ def read_grid_file(path) -> dict:
                           ("target_r", lambda v: isinstance(v, int) and v > 0, "a positive integer"),
                           ("seeds", lambda v: isinstance(v, list) and v and all(isinstance(x, int) for x in v),
                            "a non-empty list of integers (the first tunes)"),
-                          ("max_extend", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0")):
+                          ("max_extend", lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+                          ("widen", lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                           "a list of the dotted keys that may be widened (omit it: every numeric key)")):
         if not ok(spec.get(key)):
             raise ProtocolError(f"{path}: {key} must be {want}, got {spec.get(key)!r}")
     for m, grid in spec["methods"].items():
