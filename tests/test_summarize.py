@@ -483,6 +483,8 @@ def test_each_method_is_compared_at_its_chosen_setting(tmp_path):
     assert "## At each method's chosen setting" in result["markdown"]
     # without the chosen cells nothing pairs: lora and adalora never share an optim.lr
     assert not [d for d in result["paired_final"] if d["is_main"]]
+    figs = summary.summarize(tmp_path, out_dir=tmp_path / "figs", by=["optim.lr"])["files"]["learning_curves"]
+    assert [Path(f).name for f in figs] == ["learning_curves_rte.png", "learning_curves_rte_grid.png"]
 
 
 def test_published_names_leave_out_null_fields_and_never_collide():

@@ -25,7 +25,8 @@ or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--o
   improving) and ``grid_best`` (grid check; ``flag``: best at an edge).
 - figures: ``comparison.png`` (per task, mean ± std and every seed; LoRA and AdaLoRA at one budget in one hue;
   the majority class for classification, the planted task's rank_recovery), ``learning_curves_<task>.png``
-  (dev metric against step, mean ± std band per method and budget), ``budget_vs_metric.png`` (with several
+  (dev metric against step, mean ± std band per method and budget; with ``--by``, of each method's chosen
+  setting, and ``learning_curves_<task>_grid.png`` of every grid cell), ``budget_vs_metric.png`` (with several
   target_r), ``growth_<task>_r<target_r>_seed<seed>.png`` (LoRA's and AdaLoRA's σ_max(ΔW) per module type, when
   logged) and ``rank_heatmap_<task>_<method>_r<target_r>.png`` (mean rank per module over seeds, beside the
   planted ranks when the run has ``planted_ranks.json``, with per-layer rank bars) for adaptive methods.
@@ -938,8 +939,9 @@ def _allocation_markdown(alloc: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _curve_figures(runs: list[dict], rows: list[dict], refs: dict, out: Path) -> list[str]:
-    """learning_curves_<task>.png: the dev main metric against step, mean ± std over seeds per cell."""
+def _curve_figures(runs: list[dict], rows: list[dict], refs: dict, out: Path, suffix: str = "") -> list[str]:
+    """learning_curves_<task><suffix>.png: the dev main metric against step, mean ± std over seeds per cell of
+    ``rows``."""
     groups, _ = _groups(runs, rows[0]["which"] if rows else "final")
     paths = []
     for task in dict.fromkeys(r["task"] for r in _by_task([r for r in rows if r["is_main"]])):
@@ -954,21 +956,26 @@ def _curve_figures(runs: list[dict], rows: list[dict], refs: dict, out: Path) ->
         if series:
             hib = all(r["higher_is_better"] for r in cells)
             paths.append(_plots().sweep_curves_plot(
-                series, out / f"learning_curves_{_safe(task)}.png", metric=metric, higher_is_better=hib,
+                series, out / f"learning_curves_{_safe(task)}{suffix}.png", metric=metric, higher_is_better=hib,
                 title=f"{task}: dev {metric} during training", reference=refs.get((task, metric))))
     return paths
 
 
-def _growth_figures(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
+def _growth_figures(runs: list[dict], rows: list[dict], out: Path, chosen: list[dict] | None = None) -> list[str]:
     """growth_<task>_r<target_r>_seed<seed>.png: LoRA's and AdaLoRA's σ_max(ΔW) per module type over steps, for the
-    smallest seed both completed with the diagnostic logged; one figure per task, budget and --by values."""
+    smallest seed both completed with the diagnostic logged; one figure per task, budget and --by values, or,
+    with ``chosen`` (:func:`chosen_cells`), one per task and budget: each method at its chosen setting."""
     plots = _plots()
     groups, _ = _groups(runs, rows[0]["which"] if rows else "final")
+    allowed = None if chosen is None else {(r["task"], r["base_method"], r["target_r"]): r["method"]
+                                           for r in chosen if r["is_main"]}
     pairs: dict[tuple, dict[str, dict]] = {}
     for (task, _, target_r), group in groups.items():
         for run in group:
+            if allowed is not None and allowed.get((task, run["base_method"], target_r)) != run["method"]:
+                continue
             if run["base_method"] in plots.PAIRED_METHODS and plots.growth_types(run["evals"]):
-                key = (task, target_r, tuple(run["by"].items()))
+                key = (task, target_r, () if allowed is not None else tuple(run["by"].items()))
                 pairs.setdefault(key, {}).setdefault(run["base_method"], {})[run["seed"]] = run
     paths = []
     for (task, target_r, by), found in sorted(pairs.items(), key=lambda kv: (
@@ -1042,13 +1049,17 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
         files["comparison"] = plots.comparison_plot(
             rows, out / "comparison.png", references=refs,
             title=f"{which} {metrics}: mean ± std over seeds (error bar), every seed (dot)")
-        files["learning_curves"] = _curve_figures(runs, rows, refs, out)
+        if chosen:  # the chosen cells' curves; every grid cell's in learning_curves_<task>_grid.png
+            files["learning_curves"] = (_curve_figures(runs, chosen["final"], refs, out)
+                                        + _curve_figures(runs, rows, refs, out, suffix="_grid"))
+        else:
+            files["learning_curves"] = _curve_figures(runs, rows, refs, out)
         if any(len({_num(r["target_r"]) for r in rows if r["is_main"] and r["task"] == t} - {None}) > 1
                for t in {r["task"] for r in rows}):
             files["budget"] = plots.budget_plot(
                 rows, out / "budget_vs_metric.png",
                 title=f"{which} metric against the budget: mean ± std over seeds, every seed (dot)")
-        files["growth"] = _growth_figures(runs, rows, out)
+        files["growth"] = _growth_figures(runs, rows, out, chosen.get("final"))
         files["heatmaps"] = _heatmaps(runs, rows, out)
     figures = [f for f in [files["comparison"], files["budget"], *files["learning_curves"], *files["growth"],
                            *files["heatmaps"]] if f]
