@@ -226,6 +226,7 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
     with lock:
         report[method] = {"grid": grid, "widened": extra, "line": pick["line"], "chosen": point,
                           "edge": pick["edge"], "seed0_scores": pick["scores"], "cell": " ".join(cell)}
+        _save_choices(sweep / task / "choices.json", {method: report[method]})  # now, not only at the end
     at_point = [x for x in _runs_of(sweep, task, method, r)
                 if _score(x) is not None and all(_close(_get(x["config"], k), v) for k, v in point.items())]
     have = {x.get("seed") for x in at_point}
@@ -295,11 +296,16 @@ def run_protocol(task: str, grid_file: Path, sweep: Path, methods: list[str] | N
     for t in threads:
         t.join()
     if not dry_run:
-        out = sweep / task / "choices.json"
-        merged = json.loads(out.read_text()) if out.is_file() else {}
-        merged.update(report)
-        rundir.write_json(out, merged)
+        _save_choices(sweep / task / "choices.json", report)
     return report
+
+
+def _save_choices(path: Path, records: dict) -> None:
+    """Merge ``records`` ({method: choice}) into the choices file (atomic write; the caller holds the lock)."""
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(path, merged)
 
 
 def main(argv=None) -> int:
