@@ -75,7 +75,7 @@ def _fake_trainer(sweep: Path, peak: float, calls: list, lock: threading.Lock):
 def _grid_file(tmp_path: Path, methods: dict, seeds=(0, 1, 2), max_extend=2, widen=None) -> Path:
     path = tmp_path / "grid.yaml"
     spec = {"max_extend": max_extend, "target_r": 2, "seeds": list(seeds), "methods": methods}
-    path.write_text(yaml.safe_dump(spec if widen is None else {**spec, "widen": widen}))
+    path.write_text(yaml.safe_dump(spec if widen is None else {**spec, "widen": widen}, sort_keys=False))
     return path
 
 
@@ -177,3 +177,13 @@ def test_the_shipped_grid_file_is_valid_and_every_grid_has_three_values():
     assert set(spec["methods"]) == {"lora", "adalora", "sora", "increlora", "adalora_lambda_lr"}
     assert all(len(spec["methods"][m]["optim.lr"]) >= 3 for m in spec["methods"])
     assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3] and spec["widen"] == ["optim.lr"]
+
+
+def test_a_finished_round_hands_its_worker_to_what_follows_from_it(tmp_path):
+    """One worker: when LoRA's grid is done, its seed runs before AdaLoRA's queued grid (LoRA goes first), because
+    the freed worker waits for LoRA to queue it instead of taking the next job already in the queue."""
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3, 1e-2]},
+                                 "adalora": {"optim.lr": [1e-3, 3e-3, 1e-2]}}, seeds=(0, 1))
+    run_protocol("mrpc", grid, sweep, None, jobs=1, runner=_fake_trainer(sweep, 3e-3, calls, lock))
+    assert [(m, s) for m, _, s in calls] == [("lora", 0)] * 3 + [("lora", 1)] + [("adalora", 0)] * 3 + [("adalora", 1)]

@@ -38,6 +38,7 @@ from .summary import collect_runs
 
 __all__ = ["ProtocolError", "choose", "extend", "main", "read_grid_file", "run_protocol"]
 
+HANDOFF_S = 120  # how long a freed worker waits for the finished job's method to queue its next runs
 FIXED = ("threads=1", "progress=false", "logger=none", "checkpoint_every=200")
 
 
@@ -49,6 +50,10 @@ class Job:
     seq: int
     overrides: list[str] = field(compare=False)
     done: threading.Event = field(compare=False, default_factory=threading.Event)
+    # set by the job's method once it has queued what follows from the result, so that the freed worker takes
+    # that (a higher priority) rather than whatever else was queued meanwhile
+    handled: threading.Event = field(compare=False, default_factory=threading.Event)
+    group: list = field(compare=False, default_factory=list)  # the round it belongs to (itself included)
     rc: int | None = field(compare=False, default=None)
 
 
@@ -163,6 +168,8 @@ class _Pool:
                 with self.lock:
                     print(f"job failed to start: {e}", flush=True)
             job.done.set()
+            if all(j.done.is_set() for j in job.group or [job]):  # the round's last: its method acts now
+                job.handled.wait(timeout=HANDOFF_S)
 
 
 def _runs_of(sweep: Path, task: str, method: str, target_r: int) -> list[dict]:
@@ -188,6 +195,7 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
     common = [f"method={method}", f"method.target_r={r}"]
     extended = {k: 0 for k in grid}
     extra: list[dict] = []  # widened points: a key's next value at the chosen values of the other keys
+    handled_later: list[Job] = []  # finished jobs whose follow-ups are not queued yet
     first = True
     while True:
         done = _runs_of(sweep, task, method, r)
@@ -199,20 +207,27 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
                             else priority,
                             [*common, *(f"{k}={_fmt(v)}" for k, v in p.items()), f"seed={seeds[0]}"])
                 for p in pending]
+        for j in jobs:
+            j.group = jobs
         if first:
             try:
                 ready.wait()  # every method has queued its first round: the queue order is the priority order
             except threading.BrokenBarrierError:
                 pass
             first = False
+        for j in handled_later:  # the last round's follow-ups are queued: its workers may go on
+            j.handled.set()
         for j in jobs:
             j.done.wait()
+        handled_later = jobs
         if pool.dry_run:
             return
         pick = choose([x for x in _runs_of(sweep, task, method, r) if x.get("seed") == seeds[0]], grid, extra)
         if pick["point"] is None:
             with lock:
                 report[method] = {"grid": grid, "error": "no seed-0 run completed"}
+            for j in handled_later:
+                j.handled.set()
             return
         widen = [(k, side) for k, side in pick["edge"].items()
                  if side != "no" and k in widenable and extended[k] < max_extend]
@@ -231,6 +246,10 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
                 if _score(x) is not None and all(_close(_get(x["config"], k), v) for k, v in point.items())]
     have = {x.get("seed") for x in at_point}
     jobs = [pool.submit(priority, [*cell, f"seed={s}"]) for s in seeds[1:] if s not in have]
+    for j in jobs:
+        j.handled.set()  # nothing follows the seeds
+    for j in handled_later:  # the seeds are queued: the workers may go on
+        j.handled.set()
     for j in jobs:
         j.done.wait()
 
