@@ -196,7 +196,18 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
     extended = {k: 0 for k in grid}
     extra: list[dict] = []  # widened points: a key's next value at the chosen values of the other keys
     handled_later: list[Job] = []  # finished jobs whose follow-ups are not queued yet
-    first = True
+    arrived = []
+
+    def arrive() -> None:
+        """Once: this method has queued its first runs (or has none), so the workers may start; they start when
+        every method has, and then take the runs in priority order."""
+        if not arrived:
+            arrived.append(True)
+            try:
+                ready.wait()
+            except threading.BrokenBarrierError:
+                pass
+
     while True:
         done = _runs_of(sweep, task, method, r)
         seed0 = [x for x in done if x.get("seed") == seeds[0]]
@@ -209,18 +220,15 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
                 for p in pending]
         for j in jobs:
             j.group = jobs
-        if first:
-            try:
-                ready.wait()  # every method has queued its first round: the queue order is the priority order
-            except threading.BrokenBarrierError:
-                pass
-            first = False
+        if jobs:
+            arrive()
         for j in handled_later:  # the last round's follow-ups are queued: its workers may go on
             j.handled.set()
         for j in jobs:
             j.done.wait()
         handled_later = jobs
         if pool.dry_run:
+            arrive()
             return
         pick = choose([x for x in _runs_of(sweep, task, method, r) if x.get("seed") == seeds[0]], grid, extra)
         if pick["point"] is None:
@@ -228,6 +236,7 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
                 report[method] = {"grid": grid, "error": "no seed-0 run completed"}
             for j in handled_later:
                 j.handled.set()
+            arrive()
             return
         widen = [(k, side) for k, side in pick["edge"].items()
                  if side != "no" and k in widenable and extended[k] < max_extend]
@@ -248,6 +257,7 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
     jobs = [pool.submit(priority, [*cell, f"seed={s}"]) for s in seeds[1:] if s not in have]
     for j in jobs:
         j.handled.set()  # nothing follows the seeds
+    arrive()
     for j in handled_later:  # the seeds are queued: the workers may go on
         j.handled.set()
     for j in jobs:
