@@ -46,7 +46,7 @@ FIXED = ("threads=1", "progress=false", "logger=none", "checkpoint_every=200")
 class Job:
     """One training run: ``priority`` orders the queue (the method's place in the grid file)."""
 
-    priority: int
+    priority: float
     seq: int
     overrides: list[str] = field(compare=False)
     done: threading.Event = field(compare=False, default_factory=threading.Event)
@@ -143,7 +143,7 @@ class _Pool:
         for w in self.workers:
             w.start()
 
-    def submit(self, priority: int, overrides: list[str]) -> Job:
+    def submit(self, priority: float, overrides: list[str]) -> Job:
         job = Job(priority, next(self.seq), overrides)
         self.q.put(job)
         return job
@@ -213,8 +213,8 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
         seed0 = [x for x in done if x.get("seed") == seeds[0]]
         pending = choose(seed0, grid, extra)["missing"]
         started = [x["config"] for x in seed0 if x.get("status") != "completed"]
-        # a killed run resumes first, whatever its method, so that its checkpoint is not wasted
-        jobs = [pool.submit(-1 if any(all(_close(_get(c, k), v) for k, v in p.items()) for c in started)
+        # a killed run resumes before its method's other runs, so that its checkpoint is not wasted
+        jobs = [pool.submit(priority - 0.5 if any(all(_close(_get(c, k), v) for k, v in p.items()) for c in started)
                             else priority,
                             [*common, *(f"{k}={_fmt(v)}" for k, v in p.items()), f"seed={seeds[0]}"])
                 for p in pending]
