@@ -80,3 +80,15 @@ def test_help_names_every_option_and_no_schema():
         for option in options(group):
             assert re.search(rf"\b{re.escape(option)}\b", text), f"{group}={option} is missing from --help"
     assert "_schema" not in text and "== Examples ==" in text
+
+
+@pytest.mark.parametrize("method, lr, gamma", [
+    ("lora", 3e-4, None), ("adalora", 1e-3, 0.3), ("adalora_no_orth", 1e-3, 0.0), ("svd_lora", 1e-3, 0.3),
+    ("sora", 1e-3, None)])
+def test_glue_converged_runs_each_method_at_its_chosen_setting_on_any_task(method, lr, gamma):
+    """A held-out task (CoLA) takes the settings chosen on MRPC; an ablation keeps the piece it changes."""
+    cfg = compose_run(["experiment=glue_converged", "task=cola", f"method={method}"])
+    assert cfg.optim.lr == lr and cfg.method.orth_reg_weight == gamma
+    given = compose_run(["experiment=glue_converged", "task=cola", f"method={method}", "optim.lr=0.01",
+                         "method.orth_reg_weight=0.2"])
+    assert given.optim.lr == 0.01 and given.method.orth_reg_weight == 0.2  # the command line wins
