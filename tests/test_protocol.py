@@ -187,3 +187,17 @@ def test_a_finished_round_hands_its_worker_to_what_follows_from_it(tmp_path):
                                  "adalora": {"optim.lr": [1e-3, 3e-3, 1e-2]}}, seeds=(0, 1))
     run_protocol("mrpc", grid, sweep, None, jobs=1, runner=_fake_trainer(sweep, 3e-3, calls, lock))
     assert [(m, s) for m, _, s in calls] == [("lora", 0)] * 3 + [("lora", 1)] + [("adalora", 0)] * 3 + [("adalora", 1)]
+
+
+def test_a_rerun_queues_the_seeds_of_a_finished_grid_before_the_workers_start(tmp_path):
+    """LoRA's grid finished in an earlier run of the protocol (its first round is empty now): its seeds still
+    come before AdaLoRA's grid."""
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    trainer = _fake_trainer(sweep, 3e-3, calls, lock)
+    for lr in (1e-3, 3e-3, 1e-2):
+        trainer(["method=lora", f"optim.lr={lr}", "seed=0"])
+    calls.clear()
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3, 1e-2]},
+                                 "adalora": {"optim.lr": [1e-3, 3e-3, 1e-2]}}, seeds=(0, 1))
+    run_protocol("mrpc", grid, sweep, None, jobs=1, runner=trainer)
+    assert [(m, s) for m, _, s in calls] == [("lora", 1)] + [("adalora", 0)] * 3 + [("adalora", 1)]
