@@ -146,6 +146,12 @@ def display_scale(metric: str, values, higher_is_better: bool = True) -> float:
     return 100.0 if all(-1.0 <= v <= 1.0 for v in vals) else 1.0
 
 
+def _say_empty(ax, message: str) -> None:
+    """An axes that says why there is nothing to draw, in its middle, without ticks or frame."""
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+
+
 def _save(fig: Figure, path) -> str:
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -301,8 +307,7 @@ def rank_heatmap_figure(rank_pattern: dict, title: str | None = None, planted: d
     if not names:
         fig = _new_figure(4.0, 2.5)
         ax = fig.subplots()
-        ax.text(0.5, 0.5, "no adapted module", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _say_empty(ax, "no adapted module")
         if title:
             fig.suptitle(title, fontsize=10)
         return fig
@@ -429,8 +434,7 @@ def rank_history_figure(history: list[dict], title: str | None = None) -> Figure
     if not history:
         fig = _new_figure(8.0, 3.0)
         for ax in fig.subplots(1, 2):
-            ax.text(0.5, 0.5, "no rank history", ha="center", va="center", transform=ax.transAxes)
-            ax.set_axis_off()
+            _say_empty(ax, "no rank history")
         return fig
 
     steps = np.array([h["step"] for h in history], dtype=float)
@@ -564,8 +568,7 @@ def comparison_figure(rows: list[dict], title: str | None = None, references: di
     fig = _new_figure(width, 4.2)
     if not rows:
         ax = fig.subplots()
-        ax.text(0.5, 0.5, "no completed runs", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _say_empty(ax, "no completed runs")
         return fig
 
     axes = fig.subplots(1, len(metrics), squeeze=False, width_ratios=[max(n_tasks[m], 1) for m in metrics])[0]
@@ -695,8 +698,7 @@ def sweep_curves_plot(series: list[dict], path, metric: str, higher_is_better: b
     ax = fig.subplots()
     values = [v for s in series for c in s["curves"] for _, v in c]
     if not values:
-        ax.text(0.5, 0.5, "no evaluation logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _say_empty(ax, "no evaluation logged")
         return _save(fig, path)
     scale = display_scale(metric, values, higher_is_better)
     keys = [(s["method"], s.get("target_r")) for s in series]
@@ -752,8 +754,7 @@ def budget_plot(rows: list[dict], path, title: str | None = None, extra_metrics=
     fig = _new_figure(3.8 * nc + 2.2, 3.3 * nr + 0.6)
     if not panels:
         ax = fig.subplots()
-        ax.text(0.5, 0.5, "no task with two or more budgets", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _say_empty(ax, "no task with two or more budgets")
         return _save(fig, path)
     axes = list(fig.subplots(nr, nc, squeeze=False).ravel())
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -845,8 +846,7 @@ def growth_figure(evals: list[dict], title: str | None = None) -> Figure:
     fig = _new_figure(8.0, 3.8)
     ax = fig.subplots()
     if not types:
-        ax.text(0.5, 0.5, "no growth diagnostic logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _say_empty(ax, "no growth diagnostic logged")
         return fig
     colours = _type_colours(types)
     values, styles = [], {}
@@ -893,8 +893,7 @@ def growth_comparison_plot(series: list[dict], path, title: str | None = None) -
     fig = _new_figure(3.6 * nc + 2.0, 3.0 * nr + 0.6)
     if not types:
         ax = fig.subplots()
-        ax.text(0.5, 0.5, "no growth diagnostic logged", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
+        _say_empty(ax, "no growth diagnostic logged")
         return _save(fig, path)
     axes = _growth_axes(fig, types)
     keys = [(s["method"], s.get("target_r")) for s in series]
