@@ -92,3 +92,13 @@ def test_glue_converged_runs_each_method_at_its_chosen_setting_on_any_task(metho
     given = compose_run(["experiment=glue_converged", "task=cola", f"method={method}", "optim.lr=0.01",
                          "method.orth_reg_weight=0.2"])
     assert given.optim.lr == 0.01 and given.method.orth_reg_weight == 0.2  # the command line wins
+
+
+@pytest.mark.parametrize("method, delta_t", [("adalora", 1), ("sora_budget", 1), ("increlora", None)])
+def test_glue_converged_leaves_increlora_interval_to_grow_until(method, delta_t):
+    """AdaLoRA's one-step masking interval is the row's; IncreLoRA's interval follows from its grow_until
+    (growth spread over the same window as AdaLoRA's pruning), unless given."""
+    cfg = compose_run(["experiment=glue_converged", "task=mrpc", f"method={method}"])
+    assert cfg.method.delta_t == delta_t
+    assert compose_run(["experiment=glue_converged", "task=mrpc", f"method={method}",
+                        "method.delta_t=7"]).method.delta_t == 7

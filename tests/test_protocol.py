@@ -174,7 +174,7 @@ def test_the_cli_says_what_is_wrong_in_one_line(tmp_path, capsys):
 
 def test_the_shipped_grid_file_is_valid_and_every_grid_has_three_values():
     spec = read_grid_file(Path(__file__).resolve().parents[1] / "experiments/grids/glue_converged.yaml")
-    assert set(spec["methods"]) == {"lora", "adalora", "sora", "increlora", "adalora_lambda_lr"}
+    assert set(spec["methods"]) == {"lora", "adalora", "sora_budget", "increlora", "adalora_lambda_lr"}
     assert all(len(spec["methods"][m]["optim.lr"]) >= 3 for m in spec["methods"])
     assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3] and spec["widen"] == ["optim.lr"]
 
