@@ -513,3 +513,19 @@ def test_the_grid_check_counts_a_failed_value_as_part_of_the_grid(tmp_path):
     assert g["grid"] == [1e-3, 3e-3, 1e-2] and g["failed_values"] == [1e-2]
     assert g["best_value"] == 3e-3 and g["edge"] == "no"
     assert "0.01: failed" in result["markdown"]
+
+
+def test_the_grid_check_compares_values_on_the_seeds_they_share(tmp_path):
+    """A protocol's seed-0 grid plus seeds 1, 2 at its choice (1e-3): the extra seeds lower 1e-3's mean below
+    1e-2's single seed, but on seed 0, which every value has, 1e-3 is best and inside the grid."""
+    accs = {("adalora", 1e-4): [0.70], ("adalora", 1e-3): [0.83, 0.80, 0.79], ("adalora", 1e-2): [0.82]}
+    result = summary.summarize(_lr_sweep(tmp_path / "sweep", accs), plots_=False, by=["optim.lr"])
+    (g,) = result["grid"]
+    assert (g["best_value"], g["edge"], g["seeds"]) == (1e-3, "no", [0])
+    assert g["best_mean"] == pytest.approx(0.83) and g["means"][1e-3] == pytest.approx(0.83)
+    assert "(seeds 0, which every value has)" in result["markdown"]
+    # the same seeds everywhere: the plain means, no seed note
+    even = summary.summarize(_lr_sweep(tmp_path / "even", {("lora", 1e-4): [0.6, 0.7], ("lora", 1e-3): [0.8, 0.7],
+                                                           ("lora", 1e-2): [0.5, 0.6]}), plots_=False, by=["optim.lr"])
+    (g,) = even["grid"]
+    assert g["seeds"] is None and g["best_mean"] == pytest.approx(0.75) and "which every value has" not in even["markdown"]

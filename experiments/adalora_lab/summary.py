@@ -478,7 +478,9 @@ def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
 def grid_checks(rows: list[dict], keys: list[str], failed: list[dict] | None = None) -> list[dict]:
     """For each numeric ``--by`` key: per (task, method, target_r, metric, other --by values), the grid of values,
     the best one by the mean main metric, and ``edge``: "low" / "high" when the best is the smallest / largest
-    value of the grid (the optimum may lie outside it), "no" when inside. A value at which every run failed
+    value of the grid (the optimum may lie outside it), "no" when inside. Where some values have more seeds than
+    others (a tuning protocol's seed-0 grid plus seeds at its choice), the values are compared on the seeds all of
+    them have (``seeds``; None when every value has the same). A value at which every run failed
     (``failed``: the unusable runs, e.g. diverged) is part of the grid, listed in ``failed_values``, and never the
     best. Keys with non-numeric values and grids of one value are skipped."""
     out = []
@@ -500,13 +502,23 @@ def grid_checks(rows: list[dict], keys: list[str], failed: list[dict] | None = N
             if len(grid) < 2:
                 continue
             hib = all(g["higher_is_better"] for g in group)
-            best = (max if hib else min)(group, key=lambda g: g["mean"])
+            # values are compared on the seeds they all have (a tuning protocol's seed 0), so that a value whose
+            # extra seeds pulled its mean down is not ranked against other values' single lucky seed
+            shared = set.intersection(*({s for s, _ in g["values"]} for g in group))
+            if shared and any(len(g["values"]) > len(shared) for g in group):
+                stats = {id(g): _mean_std([v for s, v in g["values"] if s in shared]) + (len(shared),)
+                         for g in group}
+            else:
+                shared, stats = None, {id(g): (g["mean"], g["std"], g["n"]) for g in group}
+            best = (max if hib else min)(group, key=lambda g: stats[id(g)][0])
             v = float(best["by"][key])
             edge = "low" if v == grid[0] else "high" if v == grid[-1] else "no"
             out.append({"task": task, "method": method, "target_r": target_r, "metric": metric, "key": key,
                         "others": dict(others), "grid": grid, "best_value": best["by"][key],
-                        "best_label": best["method"], "best_mean": best["mean"], "best_std": best["std"],
-                        "best_n": best["n"], "means": {float(g["by"][key]): g["mean"] for g in group},
+                        "best_label": best["method"], "best_mean": stats[id(best)][0],
+                        "best_std": stats[id(best)][1], "best_n": stats[id(best)][2],
+                        "means": {float(g["by"][key]): stats[id(g)][0] for g in group},
+                        "seeds": sorted(shared, key=_r_key) if shared else None,
                         "failed_values": lost, "edge": edge})
     out.sort(key=lambda g: (_order(g["task"], TASK_ORDER), _order(g["method"], METHOD_ORDER),
                             _r_key(g["target_r"]), g["key"]))
@@ -801,6 +813,8 @@ def _grid_markdown(grid: list[dict], scales: dict) -> list[str]:
         if len(g["grid"]) == 2:
             edge += ", 2-point grid"
         others = " ".join(f"{k}={v}" for k, v in g["others"].items() if v not in (None, "unset"))
+        if g.get("seeds"):
+            means += f" (seeds {', '.join(map(str, g['seeds']))}, which every value has)"
         body.append([g["task"], _md_cell(" ".join(filter(None, [g["method"], others]))), _fmt_r(g["target_r"]),
                      g["key"], means, _fmt_num(g["best_value"]),
                      _fmt_value(g["best_mean"], g["best_std"], g["best_n"], scale), edge])
