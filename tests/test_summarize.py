@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -260,6 +261,19 @@ def test_collect_results_copies_small_files_only(tmp_path):
     failed = [r for r in index if r["status"] == "failed"]
     assert len(failed) == 1 and json.loads((dest / failed[0]["path"] / "summary.json").read_text())["error"]
     assert summary.summarize(dest, quiet=True)["rows"]  # the published folder summarizes on its own
+    # a published folder republishes with a new run beside it (its runs keep their names and commands)
+    from adalora_lab.publish import collect
+
+    (sweep / "more").mkdir()
+    shutil.copytree(dest / "runs", sweep / "more" / "published")
+    extra = sweep / "more" / "rte" / "adalora_r2" / "seed9"
+    write_run(extra, task="rte", method="adalora", target_r=2, seed=9, final={"accuracy": 0.7})
+    again, _ = collect(sweep / "more", tmp_path / "again")
+    names = sorted(str(p.relative_to(tmp_path / "again")) for p in again)
+    assert names == sorted([str(p.parent.relative_to(dest)) for p in dest.rglob("summary.json")] + [
+        "runs/rte/adalora_r2/seed9"])
+    assert (tmp_path / "again" / "runs" / "rte" / "adalora_r2" / "seed0" / "command.txt").read_text() == (
+        "python experiments/train.py method=adalora seed=0\n")
 
 
 def test_rerun_command_keeps_the_run_overrides_and_drops_the_sweep_settings(tmp_path):

@@ -69,12 +69,14 @@ _SWEEP_ONLY = ("hydra/launcher=", "hydra.launcher.", "hydra.sweep.", "hydra.swee
 
 
 def rerun_command(run: Path) -> str | None:
-    """``python experiments/train.py <overrides>`` from the run's ``.hydra/overrides.yaml``, or None without it.
-    The sweep's launcher and folder settings are dropped: the rerun is one run, in a folder of its own."""
+    """``python experiments/train.py <overrides>`` from the run's ``.hydra/overrides.yaml``; for an already
+    published run (no ``.hydra``), the ``command.txt`` it carries; else None. The sweep's launcher and folder
+    settings are dropped: the rerun is one run, in a folder of its own."""
     try:
         overrides = yaml.safe_load((run / HYDRA_OVERRIDES).read_text())
     except (OSError, yaml.YAMLError):
-        return None
+        published = run / COMMAND
+        return (published.read_text().strip() or None) if published.is_file() else None
     if not isinstance(overrides, list):
         return None
     kept = [str(o) for o in overrides if not str(o).startswith(_SWEEP_ONLY)]
