@@ -397,8 +397,33 @@ def test_plateau_check(summarized):
     g = gains["planted_rank", "adalora", 4]
     assert (g["mean"], g["n"], g["unit"]) == (pytest.approx(100 * (1 - 1 / LOSS_BEFORE)), 2, "%")
     md = result["markdown"].split("## Final and best-epoch dev metric")[1].split("\n## ")[0]
-    assert "| rte | lora | 2 | 3 | 62.00 ± 2.00 | 64.00 ± 2.00 | +1.00 ± 0.00 pts (n=3) | **yes** |" in md
-    assert "| rte | lora | 4 | 3 | 67.00 ± 2.65 | 67.00 ± 2.65 | +0.20 ± 0.00 pts (n=3) | no |" in md
+    # the late trend over the 3 evaluations (acc + BEST_BONUS, acc - GAIN, acc): slope -BEST_BONUS / 2 per eval
+    for (method, r), bonus in BEST_BONUS.items():
+        t = gains["rte", method, r]["trend"]
+        assert (t["n"], t["mean"]) == (3, pytest.approx(-100 * bonus / 2))
+    assert ("| rte | lora | 2 | 3 | 62.00 ± 2.00 | 64.00 ± 2.00 | +1.00 ± 0.00 pts (n=3) | **yes** | "
+            "-1.00 [-1.00, -1.00] |") in md
+    assert ("| rte | lora | 4 | 3 | 67.00 ± 2.65 | 67.00 ± 2.65 | +0.20 ± 0.00 pts (n=3) | no | "
+            "+2.50 [+2.50, +2.50] **rising** |") in md
+
+
+def test_late_trend_tells_a_rising_curve_from_a_noisy_plateau():
+    """The slope over the last half: a curve still climbing 1 point per evaluation is rising on every seed; a flat
+    curve whose last evaluation happens to jump by 1 point has a last-eval gain of 1 but no significant trend."""
+    def evals(values):
+        return [{"step": 10 * (i + 1), "accuracy": v} for i, v in enumerate(values)]
+
+    rising = [evals([0.70 + 0.01 * i + 0.001 * s for i in range(8)]) for s in range(3)]
+    assert [summary._late_trend(e, "accuracy", True, 100.0) for e in rising] == [pytest.approx(1.0)] * 3
+    flat = [evals([0.70, 0.75, 0.80, 0.81, 0.80, 0.81, 0.80, 0.81]), evals([0.70, 0.76, 0.80, 0.80, 0.81, 0.80, 0.79,
+            0.80]), evals([0.70, 0.74, 0.80, 0.81, 0.80, 0.80, 0.80, 0.81])]
+    assert [summary._gain(e, "accuracy", True, 100.0) for e in flat] == [pytest.approx(1.0)] * 3
+    t = summary.paired_stats([summary._late_trend(e, "accuracy", True, 100.0) for e in flat])
+    assert abs(t["mean"]) < 0.3 and not t["significant"]
+    assert summary._late_trend(evals([0.5, 0.6]), "accuracy", True, 100.0) is None  # fewer than 3
+    loss = evals([1.0, 0.8, 0.6, 0.4])  # a loss falling 0.2 per evaluation over its last half (0.8, 0.6, 0.4)
+    assert summary._late_trend([{"step": e["step"], "loss": e["accuracy"]} for e in loss], "loss", False, 1.0) == (
+        pytest.approx(0.2 / 0.6 * 100))
 
 
 def test_eval_records_keep_the_last_write_per_step():

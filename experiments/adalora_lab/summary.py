@@ -11,7 +11,8 @@ or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--o
     task's main metric (sample std, ddof=1), the seed count, trainable parameters and wall time;
   - "Final and best-epoch dev metric": per (task, method, target_r) the final and the best evaluation, mean ±
     std and n, and the plateau check: the mean over seeds of the last evaluation's gain over the one before
-    (in points, x100, for scores in [-1, 1]; in % of the previous value for losses), flagged above 0.5;
+    (in points, x100, for scores in [-1, 1]; in % of the previous value for losses), flagged above 0.5, and
+    the late trend: the slope over the last half of the evaluations, with its 95% interval over seeds;
   - "Paired differences vs LoRA": every method − LoRA at the same task and budget (and ``--by`` values), paired
     by seed (the seeds present in both), mean, 95% Student-t confidence interval, two-sided p-value of the paired
     t-test and whether the interval excludes 0, for the final and the best evaluation;
@@ -22,7 +23,8 @@ or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--o
 - ``summary.csv``: the same numbers in long form: one row per (task, method, target_r, metric, which, stat),
   ``stat`` one of ``value`` (mean, std, n over seeds), ``diff_vs_lora`` (paired difference: mean, std, n pairs,
   ci_low, ci_high, p_value, significant), ``last_eval_gain`` (plateau check, ``which`` curve; ``flag``: still
-  improving) and ``grid_best`` (grid check; ``flag``: best at an edge).
+  improving), ``late_trend`` (the slope over the last half of the evaluations, mean over seeds with its
+  interval; ``flag``: still rising) and ``grid_best`` (grid check; ``flag``: best at an edge).
 - figures: ``comparison.png`` (per task, mean ± std and every seed; LoRA and AdaLoRA at one budget in one hue;
   the majority class for classification, the planted task's rank_recovery), ``learning_curves_<task>.png``
   (dev metric against step, mean ± std band per method and budget; with ``--by``, of each method's chosen
@@ -455,11 +457,31 @@ def _gain(evals: list[dict], metric: str, hib: bool, scale: float) -> float | No
     return gain / abs(prev) * 100.0 if prev != 0 else None
 
 
+def _late_trend(evals: list[dict], metric: str, hib: bool, scale: float) -> float | None:
+    """The least-squares slope of the metric over the last half of the evaluations (at least 3), per evaluation,
+    in the unit of ``_gain`` (positive = improving); None with fewer than 3 evaluations. Less noisy than the last
+    gain, a difference of two single evaluations, and not driven by the last one alone (which a schedule
+    decaying to 0 tends to lift)."""
+    vals = [v for v in (_num(m.get(metric)) for m in evals) if v is not None]
+    if len(vals) < 3:
+        return None
+    ys = vals[-max(3, math.ceil(len(vals) / 2)):]
+    xs = range(len(ys))
+    x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sum((x - x_mean) ** 2 for x in xs)
+    slope = slope if hib else -slope
+    if scale != 1.0:
+        return slope * scale
+    return slope / abs(y_mean) * 100.0 if y_mean != 0 else None
+
+
 def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
                  threshold: float = PLATEAU_POINTS) -> list[dict]:
     """The plateau check per main-metric cell of ``rows``: the mean over seeds of the last evaluation's gain over
     the previous one (see ``_gain``; ``unit`` says which), with ``still_improving`` when it exceeds ``threshold``.
-    Runs with fewer than two evaluations do not count (``n`` is the number that do)."""
+    Runs with fewer than two evaluations do not count (``n`` is the number that do). ``trend``: the
+    :func:`paired_stats` over seeds of each run's slope over the last half of its evaluations (``_late_trend``);
+    ``trend["significant"]`` with a positive mean says the curves were still rising."""
     groups, _ = _groups(runs, rows[0]["which"] if rows else "final")
     out = []
     for r in rows:
@@ -469,9 +491,11 @@ def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
         gains = [g for g in (_gain(run["evals"], r["metric"], r["higher_is_better"], scale)
                              for run in groups.get((r["task"], r["method"], r["target_r"]), [])) if g is not None]
         mean, std = _mean_std(gains) if gains else (float("nan"), float("nan"))
+        slopes = [t for t in (_late_trend(run["evals"], r["metric"], r["higher_is_better"], scale)
+                              for run in groups.get((r["task"], r["method"], r["target_r"]), [])) if t is not None]
         out.append({"task": r["task"], "method": r["method"], "target_r": r["target_r"], "metric": r["metric"],
                     "n": len(gains), "mean": mean, "std": std, "unit": "points" if scale != 1.0 else "%",
-                    "still_improving": bool(gains) and mean > threshold})
+                    "still_improving": bool(gains) and mean > threshold, "trend": paired_stats(slopes)})
     return out
 
 
@@ -709,22 +733,30 @@ def _cells_markdown(final: list[dict], best: list[dict], plateau: list[dict], sc
         scale = scales[r["metric"]]
         b = best_of.get((r["task"], r["method"], r["target_r"], r["metric"]))
         g = gain_of.get((r["task"], r["method"], r["target_r"]))
-        gain, flag = "-", "-"
+        gain, flag, trend = "-", "-", "-"
         if g is not None and g["n"]:
             unit = " pts" if g["unit"] == "points" else "%"
             spread = "" if math.isnan(g["std"]) else f" ± {g['std']:.2f}"
             gain = f"{g['mean']:+.2f}{spread}{unit} (n={g['n']})"
             flag = "**yes**" if g["still_improving"] else "no"
+        t = g["trend"] if g is not None else None
+        if t is not None and t["n"]:
+            ci = f" [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]" if not math.isnan(t["ci_low"]) else ""
+            trend = f"{t['mean']:+.2f}{ci}" + (" **rising**" if t["significant"] and t["mean"] > 0 else "")
         body.append([r["task"], _md_cell(r["method"]), _fmt_r(r["target_r"]), str(r["n"]),
                      _fmt_value(r["mean"], r["std"], r["n"], scale),
-                     "-" if b is None else _fmt_value(b["mean"], b["std"], b["n"], scale), gain, flag])
-    head = ["task", "method", "target_r", "n", "final", "best epoch", "last-eval gain", "still improving"]
+                     "-" if b is None else _fmt_value(b["mean"], b["std"], b["n"], scale), gain, flag, trend])
+    head = ["task", "method", "target_r", "n", "final", "best epoch", "last-eval gain", "still improving",
+            "late trend / eval [95% CI]"]
     return ["## Final and best-epoch dev metric", "",
             "Main metric per cell, mean ± sample std (ddof=1) over seeds (n); best epoch: each run's best "
             "evaluation on the dev set (an optimistic pick). Last-eval gain: mean over seeds of the last evaluation "
             "minus the one before, in points (×100) for scores and in % of the previous value for losses "
-            f"(positive = improving); **yes** when above {PLATEAU_POINTS}: the runs had not plateaued.", "",
-            *_table(head, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---"], body), ""]
+            f"(positive = improving); **yes** when above {PLATEAU_POINTS}: the runs had not plateaued. Late trend: "
+            "each run's least-squares slope over the last half of its evaluations (at least 3), in the same unit "
+            "per evaluation, mean over seeds with its 95% Student-t interval; **rising** when the interval lies "
+            "above 0.", "",
+            *_table(head, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---", "---:"], body), ""]
 
 
 def _fmt_diff(d: dict, scale: float) -> str:
@@ -837,8 +869,15 @@ def _csv_rows(final: list[dict], best: list[dict], paired: list[dict], plateau: 
     for d in paired:
         out.append({**d, "stat": "diff_vs_lora", "note": d["note"]})
     for g in plateau:
-        out.append({**g, "which": "curve", "stat": "last_eval_gain", "is_main": True, "flag": g["still_improving"],
-                    "note": "points" if g["unit"] == "points" else "% of the previous value"})
+        unit = "points" if g["unit"] == "points" else "% of the previous value"
+        row = {k: v for k, v in g.items() if k != "trend"}
+        out.append({**row, "which": "curve", "stat": "last_eval_gain", "is_main": True, "flag": g["still_improving"],
+                    "note": unit})
+        t = g["trend"]
+        out.append({**row, **{k: t[k] for k in ("n", "mean", "std", "ci_low", "ci_high", "p_value", "significant")},
+                    "which": "curve", "stat": "late_trend", "is_main": True,
+                    "flag": bool(t["significant"]) and t["mean"] > 0,
+                    "note": "; ".join(x for x in (f"{unit} per evaluation, slope over the last half", t["note"]) if x)})
     for g in grid:
         out.append({"task": g["task"], "method": g["best_label"], "target_r": g["target_r"], "metric": g["metric"],
                     "mean": g["best_mean"], "std": g["best_std"], "n": g["best_n"], "is_main": True,
