@@ -84,7 +84,7 @@ def test_help_names_every_option_and_no_schema():
 
 @pytest.mark.parametrize("method, lr, gamma", [
     ("lora", 3e-4, None), ("adalora", 1e-3, 0.3), ("adalora_no_orth", 1e-3, 0.0), ("svd_lora", 1e-3, 0.3),
-    ("sora_budget", 3e-4, None), ("increlora", 1e-3, None), ("sora", 1e-3, None)])
+    ("sora_budget", 3e-4, None), ("increlora", 1e-3, None), ("sora", 1e-3, None), ("adalora_lambda_lr", 1e-3, 0.3)])
 def test_glue_converged_runs_each_method_at_its_chosen_setting_on_any_task(method, lr, gamma):
     """A held-out task (CoLA) takes the settings chosen on MRPC; an ablation keeps the piece it changes."""
     cfg = compose_run(["experiment=glue_converged", "task=cola", f"method={method}"])
