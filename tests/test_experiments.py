@@ -240,6 +240,14 @@ def test_lambda_lr_scale_moves_only_lambda_faster(tmp_path):
             torch.testing.assert_close(fast[k], 10.0 * ref[k], rtol=1e-3, atol=1e-9)
         else:
             assert torch.equal(fast[k], ref[k]), k
+    # the logged growth bound is Λ's (scale x Σ 10·lr), and scale·max|λ| stays under it
+    evals = {name: [e for e in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                    if e["split"] == "eval"] for name in weights}
+    assert evals["adalora"] and evals["adalora"][-1]["growth_bound"] > 0
+    assert [e["growth_bound"] for e in evals["adalora_lambda_lr"]] == pytest.approx(
+        [10.0 * e["growth_bound"] for e in evals["adalora"]])
+    for e in evals["adalora_lambda_lr"]:
+        assert all(v <= e["growth_bound"] * 1.001 for k, v in e.items() if k.startswith("scale_lambda_max/"))
 
 
 def test_lambda_lr_scale_is_refused_where_there_is_no_lambda(tmp_path):

@@ -417,7 +417,8 @@ def train_step(run: Run, state: RunState, batches, log) -> object:
 
 def spectrum(run: Run, state: RunState) -> dict:
     """The growth diagnostic, per module type: σ_max(ΔW) (every adapter), scale·max|λ| (P Λ Q adapters) and the
-    bound scale·Σlr that Adam's |Δλ| <= lr per step puts on it (λ starts at 0)."""
+    bound scale·Σlr that Adam's |Δλ| <= lr per step puts on it (λ starts at 0). The lr is Λ's own: the opt-in
+    ``method.lambda_lr_scale`` multiplies it."""
     if not run.adapters:
         return {}
     out = {}
@@ -425,7 +426,7 @@ def spectrum(run: Run, state: RunState) -> dict:
         out.update({f"{key}/{mtype}": v for key, v in row.items()})
     scales = {float(a.scale) for a in run.adapters.values() if hasattr(a, "lora_E")}
     if len(scales) == 1:
-        out["growth_bound"] = growth_bound(scales.pop(), state.lr_sum)
+        out["growth_bound"] = growth_bound(scales.pop(), state.lr_sum * run.cfg.method.lambda_lr_scale)
     return out
 
 
