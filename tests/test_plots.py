@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from adalora_lab import plots
 
@@ -227,6 +228,18 @@ def test_comparison_figure_draws_means_seeds_and_the_majority_class():
     order = [m for _, m in sorted((float(line.get_xdata()[0]), m) for line, m in zip(points, means))]
     expected = [round(100 * r["mean"], 6) for r in rows if r["metric"] == "accuracy"]
     assert order == expected  # rows were given as lora 2, adalora 2, lora 8, adalora 8
+
+
+def test_a_long_legend_stays_inside_the_figure():
+    """A sweep's 26 grid cells: the legend takes columns rather than running over the title and off the figure."""
+    rows = [{"task": "mrpc", "method": f"lora optim.lr={lr:g}", "target_r": 2, "metric": "accuracy", "mean": 0.8,
+             "std": 0.01, "n": 1, "higher_is_better": True, "values": [(0, 0.8)]} for lr in np.geomspace(1e-5, 1, 26)]
+    fig = plots.comparison_figure(rows)
+    FigureCanvasAgg(fig).draw()
+    (legend,) = fig.legends
+    box, height = legend.get_window_extent(), fig.get_figheight() * fig.dpi
+    assert legend._ncols == 2 and 0 <= box.y0 and box.y1 <= height
+    assert box.y1 < fig._suptitle.get_window_extent().y0 or box.x0 > fig._suptitle.get_window_extent().x1
 
 
 def test_budget_and_sweep_curve_plots(tmp_path):

@@ -249,8 +249,12 @@ def _unit(metric: str, scale: float, hib: bool) -> str:
     return f"{metric}{' (x100)' if scale != 1.0 else ''}, {'higher' if hib else 'lower'} is better"
 
 
+_LEGEND_ROW_IN = 0.19  # inches per legend entry at fontsize 8
+
+
 def _outside_legend(fig: Figure, axes, title: str | None = None) -> None:
-    """One legend for the figure, right of the axes, each label once."""
+    """One legend for the figure, right of the axes, each label once; in as many columns as keep it inside the
+    figure's height (a sweep's every grid cell is many entries)."""
     handles, labels = [], []
     for ax in axes:
         for h, lab in zip(*ax.get_legend_handles_labels()):
@@ -258,8 +262,9 @@ def _outside_legend(fig: Figure, axes, title: str | None = None) -> None:
                 handles.append(h)
                 labels.append(lab)
     if handles:
+        per_column = max(1, int((fig.get_figheight() - 0.8) / _LEGEND_ROW_IN))
         fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False, title=title,
-                   title_fontsize=8)
+                   title_fontsize=8, ncols=math.ceil(len(handles) / per_column))
 
 
 def _log_if_wide(ax, values, ratio: float = 10.0) -> None:
