@@ -119,8 +119,9 @@ def compare_runs(recorded: Path, rerun: Path, tol: float = 0.0) -> dict:
     for field in ("final_budget", "status"):
         if s_old.get(field) != s_new.get(field):
             diffs[f"summary/{field}"] = math.inf
+    inputs_new = flatten(s_new.get("inputs") or {})
     for key, value in flatten(s_old.get("inputs") or {}).items():
-        if not key.endswith("path") and flatten(s_new.get("inputs") or {}).get(key) != value:
+        if not key.endswith("path") and inputs_new.get(key) != value:
             diffs[f"inputs/{key}"] = math.inf  # another data file, tokenizer or model than the run's
     if (read_json(recorded / RANK_PATTERN) or None) != (read_json(rerun / RANK_PATTERN) or None):
         diffs["rank_pattern"] = math.inf
@@ -138,8 +139,7 @@ def _default_out(run: Path) -> Path:
     return REPO / "outputs" / "reproduce" / tail.parent / f"{tail.name}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
 
 
-def reproduce(run: Path, out: Path | None = None, tol: float = 0.0, check_only: bool = False,
-              python: str = sys.executable) -> dict:
+def reproduce(run: Path, out: Path | None = None, tol: float = 0.0, check_only: bool = False) -> dict:
     """Check the recorded command against this checkout, rerun it into ``out`` and compare (module docstring)."""
     run = Path(run)
     if not (run / SUMMARY).is_file() or not (run / CONFIG).is_file():
@@ -156,7 +156,7 @@ def reproduce(run: Path, out: Path | None = None, tol: float = 0.0, check_only: 
         return {"overrides": overrides, "out": out, "checked_only": True}
     if (out / SUMMARY).exists():
         raise ReproduceError(f"--out {out} already holds a run; pass a new folder (a rerun never reuses one)")
-    cmd = [python, _TRAIN, *overrides, f"hydra.run.dir={out}"]
+    cmd = [sys.executable, _TRAIN, *overrides, f"hydra.run.dir={out}"]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0 or not (out / SUMMARY).is_file():
         tail = "\n".join((p.stderr or p.stdout).strip().splitlines()[-5:])

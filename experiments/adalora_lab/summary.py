@@ -444,35 +444,37 @@ def chosen_cells(rows: list[dict], of: list[dict] | None = None) -> list[dict]:
     return out
 
 
-def _gain(evals: list[dict], metric: str, hib: bool, scale: float) -> float | None:
-    """The last evaluation's improvement over the one before: points (x scale) for scores, % of the previous
-    value for metrics shown unscaled (losses); None with fewer than two evaluations."""
-    vals = [v for v in (_num(m.get(metric)) for m in evals) if v is not None]
-    if len(vals) < 2:
-        return None
-    prev, last = vals[-2], vals[-1]
-    gain = (last - prev) if hib else (prev - last)
+def _values(evals: list[dict], metric: str) -> list[float]:
+    return [v for v in (_num(m.get(metric)) for m in evals) if v is not None]
+
+
+def _in_unit(change: float, ref: float, hib: bool, scale: float) -> float | None:
+    """An improvement (positive = better) in points (x scale) for scores, in % of ``ref`` for metrics shown
+    unscaled (losses)."""
+    change = change if hib else -change
     if scale != 1.0:
-        return gain * scale
-    return gain / abs(prev) * 100.0 if prev != 0 else None
+        return change * scale
+    return change / abs(ref) * 100.0 if ref != 0 else None
+
+
+def _gain(evals: list[dict], metric: str, hib: bool, scale: float) -> float | None:
+    """The last evaluation's improvement over the one before (``_in_unit`` of the previous value); None with
+    fewer than two evaluations."""
+    vals = _values(evals, metric)
+    return _in_unit(vals[-1] - vals[-2], vals[-2], hib, scale) if len(vals) >= 2 else None
 
 
 def _late_trend(evals: list[dict], metric: str, hib: bool, scale: float) -> float | None:
     """The least-squares slope of the metric over the last half of the evaluations (at least 3), per evaluation,
-    in the unit of ``_gain`` (positive = improving); None with fewer than 3 evaluations. Less noisy than the last
+    in the unit of ``_gain`` (of the half's mean); None with fewer than 3 evaluations. Less noisy than the last
     gain, a difference of two single evaluations, and not driven by the last one alone (which a schedule
     decaying to 0 tends to lift)."""
-    vals = [v for v in (_num(m.get(metric)) for m in evals) if v is not None]
+    vals = _values(evals, metric)
     if len(vals) < 3:
         return None
     ys = vals[-max(3, math.ceil(len(vals) / 2)):]
-    xs = range(len(ys))
-    x_mean, y_mean = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys)) / sum((x - x_mean) ** 2 for x in xs)
-    slope = slope if hib else -slope
-    if scale != 1.0:
-        return slope * scale
-    return slope / abs(y_mean) * 100.0 if y_mean != 0 else None
+    slope = statistics.linear_regression(range(len(ys)), ys).slope
+    return _in_unit(slope, statistics.fmean(ys), hib, scale)
 
 
 def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
@@ -488,11 +490,12 @@ def plateau_rows(runs: list[dict], rows: list[dict], scales: dict[str, float],
         if not r["is_main"]:
             continue
         scale = scales.get(r["metric"], 1.0)
-        gains = [g for g in (_gain(run["evals"], r["metric"], r["higher_is_better"], scale)
-                             for run in groups.get((r["task"], r["method"], r["target_r"]), [])) if g is not None]
+        group = groups.get((r["task"], r["method"], r["target_r"]), [])
+        gains = [g for g in (_gain(run["evals"], r["metric"], r["higher_is_better"], scale) for run in group)
+                 if g is not None]
         mean, std = _mean_std(gains) if gains else (float("nan"), float("nan"))
-        slopes = [t for t in (_late_trend(run["evals"], r["metric"], r["higher_is_better"], scale)
-                              for run in groups.get((r["task"], r["method"], r["target_r"]), [])) if t is not None]
+        slopes = [t for t in (_late_trend(run["evals"], r["metric"], r["higher_is_better"], scale) for run in group)
+                  if t is not None]
         out.append({"task": r["task"], "method": r["method"], "target_r": r["target_r"], "metric": r["metric"],
                     "n": len(gains), "mean": mean, "std": std, "unit": "points" if scale != 1.0 else "%",
                     "still_improving": bool(gains) and mean > threshold, "trend": paired_stats(slopes)})
