@@ -102,3 +102,12 @@ def test_glue_converged_leaves_increlora_interval_to_grow_until(method, delta_t)
     assert cfg.method.delta_t == delta_t
     assert compose_run(["experiment=glue_converged", "task=mrpc", f"method={method}",
                         "method.delta_t=7"]).method.delta_t == 7
+
+
+@pytest.mark.parametrize("task, alpha", [("sst2", 16), ("mrpc", 32), ("rte", 32), ("cola", 32)])
+def test_glue_converged_takes_a_task_rows_alpha_for_every_method(task, alpha):
+    """A protocol row may carry the authors' lora_alpha for its task (SST-2: 16); the rest keep 32, and the
+    command line still wins."""
+    for method in ("lora", "adalora"):
+        assert compose_run(["experiment=glue_converged", f"task={task}", f"method={method}"]).method.lora_alpha == alpha
+    assert compose_run(["experiment=glue_converged", f"task={task}", "method.lora_alpha=8"]).method.lora_alpha == 8

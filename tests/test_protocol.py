@@ -179,6 +179,24 @@ def test_the_shipped_grid_file_is_valid_and_every_grid_has_three_values():
     assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3] and spec["widen"] == ["optim.lr"]
 
 
+def test_a_task_with_its_own_grid_file_takes_it_by_default(tmp_path):
+    grids = tmp_path / protocol.GRID_DIR
+    grids.mkdir(parents=True)
+    (grids / "glue_converged.yaml").write_text("methods: {}\n")
+    assert protocol.default_grid_file("glue_converged", "sst2", tmp_path) == grids / "glue_converged.yaml"
+    (grids / "glue_converged_sst2.yaml").write_text("methods: {}\n")
+    assert protocol.default_grid_file("glue_converged", "sst2", tmp_path) == grids / "glue_converged_sst2.yaml"
+    assert protocol.default_grid_file("glue_converged", "mrpc", tmp_path) == grids / "glue_converged.yaml"
+
+
+def test_the_shipped_sst2_grid_gives_both_methods_three_learning_rates():
+    root = Path(__file__).resolve().parents[1]
+    spec = read_grid_file(protocol.default_grid_file("glue_converged", "sst2", root))
+    assert spec["methods"].keys() == {"adalora", "lora"} and spec["seeds"] == [0, 1, 2]
+    assert all(len(g["optim.lr"]) == 3 for g in spec["methods"].values())
+    assert protocol.default_grid_file("glue_converged", "mrpc", root).name == "glue_converged.yaml"
+
+
 def test_a_finished_round_hands_its_worker_to_what_follows_from_it(tmp_path):
     """One worker: when LoRA's grid is done, its seed runs before AdaLoRA's queued grid (LoRA goes first), because
     the freed worker waits for LoRA to queue it instead of taking the next job already in the queue."""

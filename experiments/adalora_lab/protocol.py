@@ -2,7 +2,8 @@
 
     python experiments/glue_converged.py --task mrpc [--methods lora adalora ...] [--jobs 2] [--dry-run]
 
-For each method of the grid file (``experiments/grids/glue_converged.yaml``):
+For each method of the grid file (``experiments/grids/glue_converged_<task>.yaml`` where a task has its own, as
+SST-2 does, else ``experiments/grids/glue_converged.yaml``):
 
 1. run seed 0 at every point of the method's grid (the product of its keys' values);
 2. choose the point with the best final dev metric (ties: the best-epoch metric, then the first point);
@@ -36,8 +37,9 @@ import yaml
 from . import rundir
 from .summary import collect_runs
 
-__all__ = ["ProtocolError", "choose", "extend", "main", "read_grid_file", "run_protocol"]
+__all__ = ["ProtocolError", "choose", "default_grid_file", "extend", "main", "read_grid_file", "run_protocol"]
 
+GRID_DIR = "experiments/grids"
 HANDOFF_S = 120  # how long a freed worker waits for the finished job's method to queue its next runs
 FIXED = ("threads=1", "progress=false", "logger=none", "checkpoint_every=200")
 
@@ -264,6 +266,13 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
         j.done.wait()
 
 
+def default_grid_file(experiment: str, task: str, root: Path = Path(".")) -> Path:
+    """A task's own grid file (``<experiment>_<task>.yaml``, e.g. SST-2's reduced effort) where it exists, else the
+    experiment's (``<experiment>.yaml``), so that the published command needs no ``--grid``."""
+    own = root / GRID_DIR / f"{experiment}_{task}.yaml"
+    return own if own.is_file() else root / GRID_DIR / f"{experiment}.yaml"
+
+
 class ProtocolError(ValueError):
     """A grid file or an argument the protocol cannot use; the message names it and the fix."""
 
@@ -343,7 +352,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True, help="a task config name: mrpc, rte, sst2, ...")
     ap.add_argument("--methods", nargs="*", help="methods of the grid file to run (default: all, in file order)")
-    ap.add_argument("--grid", default="experiments/grids/glue_converged.yaml", help="the grid file")
+    ap.add_argument("--grid", help=f"the grid file (default: {GRID_DIR}/<experiment>_<task>.yaml where it exists, "
+                    f"else {GRID_DIR}/<experiment>.yaml)")
     ap.add_argument("--sweep", default="multirun/glue_converged", help="the sweep folder")
     ap.add_argument("--experiment", default="glue_converged", help="the experiment preset")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -352,7 +362,9 @@ def main(argv=None) -> int:
     if a.jobs < 1:
         ap.error("--jobs must be at least 1")
     try:
-        report = run_protocol(a.task, Path(a.grid), Path(a.sweep), a.methods, a.jobs, a.dry_run, a.experiment)
+        grid = Path(a.grid) if a.grid else default_grid_file(a.experiment, a.task)
+        print(f"grid file: {grid}", flush=True)
+        report = run_protocol(a.task, grid, Path(a.sweep), a.methods, a.jobs, a.dry_run, a.experiment)
     except ProtocolError as e:
         print(f"glue_converged: error: {e}", file=sys.stderr)
         return 2
