@@ -331,7 +331,7 @@ def test_registry():
     assert set(GLUE_TASKS) == {"sst2", "rte", "mrpc", "cola", "stsb", "qnli", "mnli", "qqp"}
     assert GLUE_TASKS["mnli"].files["dev"] == "dev_matched.tsv"
     assert GLUE_TASKS["mnli"].label_values == ("entailment", "neutral", "contradiction")
-    assert GLUE_TASKS["rte"].hf_dataset == ("glue", "rte")
+    assert GLUE_TASKS["rte"].hf_dataset == ("nyu-mll/glue", "rte")  # the bare alias "glue" 404s on the Hub
     assert not GLUE_TASKS["cola"].has_header
     for spec in GLUE_TASKS.values():
         assert spec.num_labels == (1 if spec.name == "stsb" else len(spec.label_values))
@@ -652,7 +652,7 @@ def test_hub_loading_maps_columns(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
     examples = load_task("mnli", None, "dev", max_examples=2, hub=True)
-    assert calls == [("glue", "mnli", "validation_matched[:2]")]
+    assert calls == [("nyu-mll/glue", "mnli", "validation_matched[:2]")]
     assert examples == [Example("p0", "h0", 2), Example("p1", "h1", 0)]
 
     def failing(*args, **kwargs):

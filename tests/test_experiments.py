@@ -191,6 +191,45 @@ def test_glue_compare_preset_on_other_tasks(task, metric, tmp_path, glue_dir, mo
     assert s["main_metric"] == metric and metric in s["final"]
 
 
+def _fake_glue_hub(task: str, n: int) -> dict:
+    """GLUE's Hub columns: CoLA ``sentence, label``; STS-B ``sentence1, sentence2, label``
+    (a float score); built from the fixture rows so that the labels are learnable."""
+    import random
+
+    from helpers import LABELS, _fields
+
+    rng = random.Random(0)
+    rows = [_fields(task, i, LABELS[task][i % len(LABELS[task])], rng, "train") for i in range(n)]
+    if task == "cola":
+        return {"sentence": [r[3] for r in rows], "label": [int(r[1]) for r in rows], "idx": list(range(n))}
+    return {"sentence1": [r[7] for r in rows], "sentence2": [r[8] for r in rows],
+            "label": [float(r[9]) for r in rows], "idx": list(range(n))}
+
+
+@pytest.mark.parametrize("task,metric", [("cola", "matthews"), ("stsb", "pearson")])
+def test_glue_converged_preset_runs_a_held_out_task_from_the_hub(task, metric, tmp_path, monkeypatch):
+    """What a new user online runs on a task not in ../shared: the converged preset, each method at its MRPC
+    choice, `task.hub=true` (datasets.load_dataset faked here: no network in tests)."""
+    import types
+
+    calls = []
+
+    def load_dataset(path, name, split):
+        calls.append((path, name, split))
+        return _fake_glue_hub(name, 16)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.delenv("ADALORA_GLUE_DIR")  # the Hub, not a folder
+    for method, lr in (("lora", 3e-4), ("adalora", 1e-3)):
+        cfg = compose_run(["experiment=glue_converged", f"task={task}", "task.hub=true", f"method={method}",
+                           "method.target_r=2", "model=tiny_bert", "debug=fast", "logger=none"])
+        assert cfg.optim.lr == lr and cfg.task.hub
+        s = train(cfg, tmp_path / method)
+        check_run_folder(tmp_path / method, adaptive=method == "adalora")
+        assert s["main_metric"] == metric and metric in s["final"]
+    assert {c[1] for c in calls} == {task} and {c[2].split("[")[0] for c in calls} == {"train", "validation"}
+
+
 def test_rerun_of_a_finished_run_reuses_it(tmp_path):
     """Rerunning a finished run (a sweep started again) touches nothing and returns the recorded summary."""
     run_dir = tmp_path / "run"
