@@ -132,7 +132,8 @@ ROWS = [
     Bad("max_length_zero", ("task.max_length=0",), r"task\.max_length=0"),
     # the optional `datasets` extra: offline, or (not installed) the message that names the package
     Bad("hub_offline", ("task=rte", "task.hub=true"),
-        r"could not load glue/rte split 'train\[:64\]' from the HuggingFace Hub .*set `task\.data_dir` \(hub=False\)"
+        r"could not load nyu-mll/glue/rte split 'train\[:64\]' from the HuggingFace Hub "
+        r".*set `task\.data_dir` \(hub=False\)"
         r"|hub=True needs the `datasets` package \(pip install datasets\)"),
     # ---- model / task combinations
     Bad("hub_without_path", ("model=hub",), r"model\.path", kind="any", sub=True),
