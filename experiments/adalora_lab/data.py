@@ -124,6 +124,7 @@ class GlueTask:
 
 _STD_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
 _STD_HF_SPLITS = {"train": "train", "dev": "validation"}
+_HF_GLUE = "nyu-mll/glue"  # the Hub no longer answers the bare alias "glue"
 
 GLUE_TASKS: dict[str, GlueTask] = {
     "sst2": GlueTask(
@@ -138,7 +139,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("0", "1"),
         label_names=("negative", "positive"),
         num_labels=2,
-        hf_dataset=("nyu-mll/glue", "sst2"),
+        hf_dataset=(_HF_GLUE, "sst2"),
         hf_text_a="sentence",
         hf_text_b=None,
         hf_splits=_STD_HF_SPLITS,
@@ -156,7 +157,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("0", "1"),
         label_names=("unacceptable", "acceptable"),
         num_labels=2,
-        hf_dataset=("nyu-mll/glue", "cola"),
+        hf_dataset=(_HF_GLUE, "cola"),
         hf_text_a="sentence",
         hf_text_b=None,
         hf_splits=_STD_HF_SPLITS,
@@ -174,7 +175,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("0", "1"),
         label_names=("not_equivalent", "equivalent"),
         num_labels=2,
-        hf_dataset=("nyu-mll/glue", "mrpc"),
+        hf_dataset=(_HF_GLUE, "mrpc"),
         hf_text_a="sentence1",
         hf_text_b="sentence2",
         hf_splits=_STD_HF_SPLITS,
@@ -192,7 +193,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("entailment", "not_entailment"),
         label_names=("entailment", "not_entailment"),
         num_labels=2,
-        hf_dataset=("nyu-mll/glue", "rte"),
+        hf_dataset=(_HF_GLUE, "rte"),
         hf_text_a="sentence1",
         hf_text_b="sentence2",
         hf_splits=_STD_HF_SPLITS,
@@ -210,7 +211,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=(),
         label_names=(),
         num_labels=1,
-        hf_dataset=("nyu-mll/glue", "stsb"),
+        hf_dataset=(_HF_GLUE, "stsb"),
         hf_text_a="sentence1",
         hf_text_b="sentence2",
         hf_splits=_STD_HF_SPLITS,
@@ -228,7 +229,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("entailment", "not_entailment"),
         label_names=("entailment", "not_entailment"),
         num_labels=2,
-        hf_dataset=("nyu-mll/glue", "qnli"),
+        hf_dataset=(_HF_GLUE, "qnli"),
         hf_text_a="question",
         hf_text_b="sentence",
         hf_splits=_STD_HF_SPLITS,
@@ -248,7 +249,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("entailment", "neutral", "contradiction"),
         label_names=("entailment", "neutral", "contradiction"),
         num_labels=3,
-        hf_dataset=("nyu-mll/glue", "mnli"),
+        hf_dataset=(_HF_GLUE, "mnli"),
         hf_text_a="premise",
         hf_text_b="hypothesis",
         hf_splits={"train": "train", "dev": "validation_matched", "dev_mismatched": "validation_mismatched"},
@@ -266,7 +267,7 @@ GLUE_TASKS: dict[str, GlueTask] = {
         label_values=("0", "1"),
         label_names=("not_duplicate", "duplicate"),
         num_labels=2,
-        hf_dataset=("nyu-mll/glue", "qqp"),
+        hf_dataset=(_HF_GLUE, "qqp"),
         hf_text_a="question1",
         hf_text_b="question2",
         hf_splits=_STD_HF_SPLITS,
@@ -451,8 +452,7 @@ def load_task(
             subset is deterministic (no sampling), so debug runs and their caches are reproducible.
             Note that a head subset need not be label-balanced.
         hub: read from the HuggingFace Hub via ``datasets.load_dataset("nyu-mll/glue", config)`` instead of local
-            files (needs network or a populated HF cache). Same label ids as the local files. The Hub no longer
-            answers the bare alias "glue", so the owner's name is part of the path.
+            files (needs network or a populated HF cache). Same label ids as the local files.
 
     Returns:
         ``list[Example]`` in file / dataset order.
