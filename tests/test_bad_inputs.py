@@ -35,6 +35,9 @@ from adalora_lab import cli as ENTRY
 from adalora_lab.loop import train
 from helpers import ROOT, compose_run
 
+# one worker builds this module's expensive module-scoped fixtures once ("--dist loadgroup", pyproject.toml)
+pytestmark = pytest.mark.xdist_group("bad_inputs")
+
 BASE = ["debug=fast", "model=tiny_bert", "logger=none"]
 HYDRA_ERRORS = (ConfigCompositionException, OmegaConfBaseException)
 

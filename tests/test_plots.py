@@ -352,6 +352,23 @@ def test_growth_figure():
     assert plots.growth_types([{"step": 1}]) == []
 
 
+def test_growth_comparison_figure():
+    """One panel per module type; LoRA draws sigma_max only, AdaLoRA sigma_max, scale * max|lambda| and the bound."""
+    fig = plots.growth_comparison_figure([{"method": "lora", "target_r": 2, "evals": _evals(adalora=False)},
+                                          {"method": "adalora", "target_r": 2, "evals": _evals(adalora=True)}])
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert [ax.get_title() for ax in axes] == ["query", "ffn.in"]
+    query = axes[0]
+    assert query.get_yscale() == "log"
+    labels = [line.get_label() for line in query.lines]
+    assert labels == ["lora r=2: σ_max(ΔW)", "adalora r=2: σ_max(ΔW)", "adalora r=2: scale·max|λ|",
+                      "adalora r=2: bound scale·Σlr"]
+    np.testing.assert_allclose(query.lines[2].get_ydata(), [1 / 9, 2 / 9, 3 / 9])
+    np.testing.assert_allclose(query.lines[3].get_ydata(), [1.0, 2.0, 3.0])
+    assert [line.get_linestyle() for line in query.lines[1:]] == ["-", "--", ":"]
+    assert query.lines[1].get_color() == query.lines[2].get_color() != query.lines[0].get_color()
+
+
 def test_run_figures_writes_every_figure_of_a_run(tmp_path):
     from fake_runs import write_run
 

@@ -505,16 +505,21 @@ def test_the_summary_reports_the_compute_of_the_completed_runs(summarized):
             f"{len(done)} completed runs") in result["markdown"]
 
 
+def _summarize_grid(tmp_path, accs: dict) -> dict:
+    """Write one RTE run per (method, lr) and seed with the given final accuracies; summarize them by lr."""
+    for (method, lr), values in accs.items():
+        for seed, acc in enumerate(values):
+            write_run(tmp_path / f"{method}_{lr}" / f"seed{seed}", task="rte", method=method, target_r=2, seed=seed,
+                      final={"accuracy": acc}, lr=lr)
+    return summary.summarize(tmp_path, out_dir=tmp_path / "out", plots_=False, by=["optim.lr"])
+
+
 def test_each_method_is_compared_at_its_chosen_setting(tmp_path):
     """With --by: the cell with the most seeds is the chosen one (a protocol's extra seeds), even when a
     one-seed grid point scored higher; the paired difference is taken between the chosen cells."""
     accs = {("lora", 1e-3): [0.60, 0.62, 0.64], ("lora", 3e-3): [0.90],
             ("adalora", 1e-2): [0.70, 0.72, 0.75], ("adalora", 3e-2): [0.71]}
-    for (method, lr), values in accs.items():
-        for seed, acc in enumerate(values):
-            write_run(tmp_path / f"{method}_{lr}" / f"seed{seed}", task="rte", method=method, target_r=2, seed=seed,
-                      final={"accuracy": acc}, lr=lr)
-    result = summary.summarize(tmp_path, out_dir=tmp_path / "out", plots_=False, by=["optim.lr"])
+    result = _summarize_grid(tmp_path, accs)
     chosen = {r["base_method"]: r for r in result["chosen"]["final"] if r["is_main"]}
     assert chosen["lora"]["method"] == "lora optim.lr=0.001" and chosen["adalora"]["method"] == "adalora optim.lr=0.01"
     (diff,) = [d for d in result["chosen"]["paired_final"] if d["is_main"]]
@@ -524,6 +529,21 @@ def test_each_method_is_compared_at_its_chosen_setting(tmp_path):
     assert not [d for d in result["paired_final"] if d["is_main"]]
     figs = summary.summarize(tmp_path, out_dir=tmp_path / "figs", by=["optim.lr"])["files"]["learning_curves"]
     assert [Path(f).name for f in figs] == ["learning_curves_rte.png", "learning_curves_rte_grid.png"]
+
+
+def test_among_cells_with_every_seed_the_tuning_seed_chooses(tmp_path):
+    """Two AdaLoRA cells ran all three seeds (the choice moved when γ was added): the one that won on seed 0, the
+    tuning seed, is the chosen setting, though the other has the better 3-seed mean; choosing by that mean would
+    select on the reported seeds."""
+    accs = {("lora", 1e-3): [0.80, 0.81, 0.82], ("adalora", 1e-3): [0.84, 0.90, 0.90],
+            ("adalora", 3e-3): [0.88, 0.83, 0.83]}
+    result = _summarize_grid(tmp_path, accs)
+    chosen = {r["base_method"]: r for r in result["chosen"]["final"] if r["is_main"]}
+    assert chosen["adalora"]["method"] == "adalora optim.lr=0.003"
+    best = {r["base_method"]: r for r in result["chosen"]["best"] if r["is_main"]}
+    assert best["adalora"]["method"] == "adalora optim.lr=0.003"  # the same cell at its best evaluation
+    (diff,) = [d for d in result["chosen"]["paired_final"] if d["is_main"]]
+    assert diff["mean"] == pytest.approx((0.08 + 0.02 + 0.01) / 3)
 
 
 def test_published_names_leave_out_null_fields_and_never_collide():

@@ -43,6 +43,7 @@ __all__ = [
     "growth_types",
     "growth_figure",
     "growth_plot",
+    "growth_comparison_figure",
     "growth_comparison_plot",
     "run_title",
     "run_figures",
@@ -889,9 +890,15 @@ def growth_plot(evals: list[dict], path, title: str | None = None) -> str:
 
 
 def growth_comparison_plot(series: list[dict], path, title: str | None = None) -> str:
+    """:func:`growth_comparison_figure` written to ``path``; returns the PNG path."""
+    return _save(growth_comparison_figure(series, title=title), path)
+
+
+def growth_comparison_figure(series: list[dict], title: str | None = None):
     """σ_max(ΔW) per module type against step for several runs on the same axes (log y), e.g. LoRA and AdaLoRA
-    at one budget and seed; the AdaLoRA run's bound scale·Σlr dotted. ``series``: ``[{"method": label,
-    "target_r": r, "evals": eval records}]``."""
+    at one budget and seed; for an AdaLoRA run also scale·max|λ| (dashed: σ_max when P and Q are orthonormal,
+    so a gap between the two is P and Q away from orthonormal) and the bound scale·Σlr (dotted).
+    ``series``: ``[{"method": label, "target_r": r, "evals": eval records}]``."""
     types = list(dict.fromkeys(t for s in series for t in growth_types(s["evals"])))
     types = [t for t in TYPE_ORDER if t in types] + [t for t in types if t not in TYPE_ORDER]
     nr, nc = _grid(max(len(types), 1), 3)
@@ -899,7 +906,7 @@ def growth_comparison_plot(series: list[dict], path, title: str | None = None) -
     if not types:
         ax = fig.subplots()
         _say_empty(ax, "no growth diagnostic logged")
-        return _save(fig, path)
+        return fig
     axes = _growth_axes(fig, types)
     keys = [(s["method"], s.get("target_r")) for s in series]
     colours, markers = method_colours(keys), method_markers(keys)
@@ -913,13 +920,17 @@ def growth_comparison_plot(series: list[dict], path, title: str | None = None) -
                 ax.plot(xs, ys, color=colours[key], lw=1.6, marker=markers[key] if len(xs) <= 30 else None, ms=4,
                         label=f"{_key_label(*key)}: σ_max(ΔW)")
                 values += list(ys)
+            xs, ys = _series(s["evals"], f"{SCALE_LAMBDA_MAX}/{t}")
+            if xs:
+                ax.plot(xs, ys, ls="--", color=colours[key], lw=1.0, label=f"{_key_label(*key)}: scale·max|λ|")
+                values += list(ys)
             if bound[0]:
                 ax.plot(*bound, ls=":", color=colours[key], lw=1.2, label=f"{_key_label(*key)}: bound scale·Σlr")
         values += list(bound[1])
     _finish_growth_axes(axes, types, values)
     _outside_legend(fig, axes)
     fig.suptitle(title or "σ_max(ΔW) per module type", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 # -------------------------------------------------------------------------------------------- one run

@@ -417,10 +417,13 @@ def paired_differences(rows: list[dict], baseline: str = BASELINE) -> list[dict]
 
 def chosen_cells(rows: list[dict], of: list[dict] | None = None) -> list[dict]:
     """With ``--by``: per (task, method, target_r), the rows of one ``--by`` cell, the chosen setting: the cell
-    with the most seeds (a tuning protocol runs its extra seeds at the chosen point only), then the best mean
-    main metric; with ``of`` (chosen rows of the other evaluation), the same cells as those. Their ``by`` is
-    emptied, so that :func:`paired_differences` pairs each method at its chosen setting with LoRA at its own;
-    ``method`` (the label) keeps the values."""
+    with the most seeds (a tuning protocol runs its extra seeds at the chosen point only); among cells with as
+    many seeds, the best main metric at the tuning seed (the smallest seed, which the protocol chose on), then
+    the best mean. Not the best mean first: when a second cell also ran every seed (a choice that moved, say,
+    when γ was added), picking by the mean would choose on the very seeds that report the result. With ``of``
+    (chosen rows of the other evaluation), the same cells as those. Their ``by`` is emptied, so that
+    :func:`paired_differences` pairs each method at its chosen setting with LoRA at its own; ``method`` (the
+    label) keeps the values."""
     cells: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
         cells.setdefault((r["task"], r["base_method"], r["target_r"]), {}).setdefault(r["method"], []).append(r)
@@ -429,8 +432,12 @@ def chosen_cells(rows: list[dict], of: list[dict] | None = None) -> list[dict]:
     def rank(cell_rows):
         main = next((r for r in cell_rows if r["is_main"]), None)
         if main is None:
-            return (-1, 0.0)
-        return (main["n"], main["mean"] if main["higher_is_better"] else -main["mean"])
+            return (-1, 0.0, 0.0)
+        sign = 1.0 if main["higher_is_better"] else -1.0
+        values = dict(main["values"])
+        seeds = sorted((s for s in values if s is not None), key=_r_key)
+        tuning = values[seeds[0]] if seeds else main["mean"]
+        return (main["n"], sign * tuning, sign * main["mean"])
 
     out = []
     for key, group in cells.items():
@@ -829,7 +836,8 @@ def _chosen_markdown(final: list[dict], best: list[dict], paired_final: list[dic
             "final: Δ vs LoRA [95% CI]", "p", "significant", "best epoch: Δ vs LoRA [95% CI]", "p", "significant"]
     return ["## At each method's chosen setting", "",
             "Per task, method and budget, the --by cell with the most seeds (where a tuning protocol ran its extra "
-            "seeds), then the best mean: each method at its own chosen setting, and its paired difference with "
+            "seeds), then the best score at the tuning seed (the smallest), then the best mean: each method at its "
+            "own chosen setting, and its paired difference with "
             f"{BASELINE} at {BASELINE}'s chosen setting (paired by seed, 95% Student-t interval, as above).", "",
             *_table(head, ["---", "---", "---:", "---:", "---:", "---:", "---:", "---:", "---:", "---", "---:",
                            "---:", "---"], body), ""]
