@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny random transformers models (built from configs, never downloaded), MLPs, GLUE data.
+"""Shared fixtures: tiny random transformers models (built from configs, never downloaded), MLPs, GLUE data;
+and how the default run spreads over its two pytest-xdist workers.
 
-Helpers that tests import live in helpers.py and fake_runs.py; this file holds fixtures only.
+Helpers that tests import live in helpers.py and fake_runs.py; this file holds fixtures and that one hook.
 """
 
 from __future__ import annotations
@@ -14,6 +15,30 @@ from torch import nn
 # Tiny models gain nothing from intra-op threads, and on a shared 2-core box oversubscribed
 # threads make each step ~10x slower; one thread keeps the suite fast and deterministic.
 torch.set_num_threads(1)
+
+
+# Modules whose module-scoped fixtures build expensive shared state (16 entry-point subprocesses, finished
+# sweeps, a reference run, a process group): each runs whole on one worker, so that it is built once, not on
+# both. Every other test goes to whichever worker is free. (xdist's own `xdist_group` mark cannot do this on
+# pytest 9, whose node ids it no longer rewrites.)
+ONE_WORKER_MODULES = ("tests/test_bad_inputs.py", "tests/test_sweep_failures.py", "tests/test_reproduce.py",
+                      "tests/test_distributed.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With ``--dist loadscope`` (pyproject.toml's default): the modules above each as one unit, the largest
+    first, and every other test on its own."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleUnits(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module.endswith(ONE_WORKER_MODULES) else nodeid
+
+    return ModuleUnits(config, log)
 
 
 @pytest.fixture(autouse=True)

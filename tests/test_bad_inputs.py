@@ -7,6 +7,8 @@ One table, run two ways:
   (``ENTRY.USER_ERRORS``) with a one-line message, or, for composition rows, Hydra's own error;
 - through the real entry point in a subprocess (the rows marked ``sub``, two at a time): non-zero exit, no
   traceback, exactly one ``adalora: error:`` line matching the row (or Hydra's message for composition rows).
+  The entry point has one error path, so the default run takes one row of each kind of check through it
+  (``SUB_DEFAULT``); the other ``sub`` rows run with ``-m slow``.
 
 Rows that fail before any compute must leave no training step in ``metrics.jsonl``, and no bad run may touch
 an earlier run folder. Rows with ``gap`` document an input that is not yet caught cleanly (strict xfail: the
@@ -34,9 +36,6 @@ from omegaconf.errors import OmegaConfBaseException
 from adalora_lab import cli as ENTRY
 from adalora_lab.loop import train
 from helpers import ROOT, compose_run
-
-# one worker builds this module's expensive module-scoped fixtures once ("--dist loadgroup", pyproject.toml)
-pytestmark = pytest.mark.xdist_group("bad_inputs")
 
 BASE = ["debug=fast", "model=tiny_bert", "logger=none"]
 HYDRA_ERRORS = (ConfigCompositionException, OmegaConfBaseException)
@@ -344,6 +343,9 @@ def test_bad_input_in_process(row: Bad, work, offline, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ subprocess
 SUB_ROWS = [r for r in ROWS if r.sub]
+# one row per kind of check: Hydra's composition, the schema's types, validation, data, resume, a runtime stop
+SUB_DEFAULT = ("unknown_key", "wrong_type_float", "target_modules_typo", "malformed_row", "resume_other_config",
+               "nonfinite_loss")
 
 
 def _run_entry(row: Bad, work: dict) -> dict:
@@ -360,17 +362,39 @@ def _run_entry(row: Bad, work: dict) -> dict:
     return {"rc": p.returncode, "stderr": p.stderr, "stdout": p.stdout, "run_dir": run_dir, "s": time.time() - t0}
 
 
-@pytest.fixture(scope="module")
-def sub_results(work):
-    """Every subprocess row through the real entry point, two at a time, after the good run A."""
+def _run_entries(rows: list[Bad], work: dict) -> dict:
+    """The rows through the real entry point, two at a time, after the good run A."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {r.name: pool.submit(_run_entry, r, work) for r in SUB_ROWS}
+        futures = {r.name: pool.submit(_run_entry, r, work) for r in rows}
         return {name: f.result() for name, f in futures.items()}
 
 
-@pytest.mark.parametrize("row", _params(SUB_ROWS))
+@pytest.fixture(scope="module")
+def sub_results(work):
+    return _run_entries([r for r in SUB_ROWS if r.name in SUB_DEFAULT], work)
+
+
+@pytest.fixture(scope="module")
+def sub_results_slow(work):
+    return _run_entries([r for r in SUB_ROWS if r.name not in SUB_DEFAULT], work)
+
+
+@pytest.mark.parametrize("row", _params([r for r in SUB_ROWS if r.name in SUB_DEFAULT]))
 def test_bad_input_entry_point(row: Bad, sub_results):
-    res = sub_results[row.name]
+    _check_entry(row, sub_results[row.name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", _params([r for r in SUB_ROWS if r.name not in SUB_DEFAULT]))
+def test_bad_input_entry_point_other_rows(row: Bad, sub_results_slow):
+    _check_entry(row, sub_results_slow[row.name])
+
+
+def test_every_default_entry_point_row_exists():
+    assert set(SUB_DEFAULT) <= {r.name for r in SUB_ROWS}
+
+
+def _check_entry(row: Bad, res: dict) -> None:
     err = res["stderr"]
     assert res["rc"] == 1, f"exit code {res['rc']}\n{err}"
     assert "Traceback" not in err, err

@@ -27,9 +27,6 @@ from adalora import (
 )
 from adalora import distributed as D
 
-# one worker builds this module's expensive module-scoped fixtures once ("--dist loadgroup", pyproject.toml)
-pytestmark = pytest.mark.xdist_group("distributed")
-
 WORLD = 2
 GLOBAL_BATCH = 16
 STEPS = 40

@@ -19,8 +19,7 @@ from adalora_lab.loop import train
 from helpers import FOLDERS, ROOT, compose_run, options
 
 RUN_FILES = ["config.yaml", "metrics.jsonl", "summary.json", "rank_pattern.json", "rank_history.jsonl",
-             "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "figures/rank_heatmap.png",
-             "figures/rank_history.png"]
+             "adapter/adapter_config.json", "adapter/adapter_model.safetensors"]
 
 
 @pytest.fixture(autouse=True)
@@ -80,6 +79,16 @@ def test_every_method_runs(method, tmp_path):
         assert 0 <= sum(ranks.values()) == s["final_budget"] <= s["init_budget"]
     else:
         assert sum(ranks.values()) == 2 * len(ranks)  # every budgeted method meets the same final budget
+
+
+def test_a_run_writes_its_figures_unless_told_not_to(tmp_path):
+    """figures=true (the default outside debug=fast) writes the run's figures; debug=fast leaves them out."""
+    run(["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2", "figures=true"], tmp_path / "on")
+    names = ["rank_heatmap.png", "rank_history.png", "learning_curves.png", "growth.png"]
+    assert all((tmp_path / "on" / "figures" / n).stat().st_size > 5000 for n in names)
+    run(["model=tiny_bert", "task=rte", "method=lora", "method.target_r=2"], tmp_path / "off")
+    assert not list((tmp_path / "off").glob("figures/*.png"))
+    assert compose_run([]).figures and not compose_run(["debug=fast"]).figures
 
 
 def test_all_linear_from_the_command_line(tmp_path):

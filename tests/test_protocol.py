@@ -189,11 +189,16 @@ def test_a_task_with_its_own_grid_file_takes_it_by_default(tmp_path):
     assert protocol.default_grid_file("glue_converged", "mrpc", tmp_path) == grids / "glue_converged.yaml"
 
 
-def test_the_shipped_sst2_grid_gives_both_methods_three_learning_rates():
+@pytest.mark.parametrize("task", ["sst2", "rte"])
+def test_the_shipped_reduced_grids_give_both_methods_three_learning_rates_and_both_gammas(task):
+    """SST-2 and RTE (the long tasks) have their own grid files: LoRA and AdaLoRA only, the same effort each."""
     root = Path(__file__).resolve().parents[1]
-    spec = read_grid_file(protocol.default_grid_file("glue_converged", "sst2", root))
+    path = protocol.default_grid_file("glue_converged", task, root)
+    spec = read_grid_file(path)
+    assert path.name == f"glue_converged_{task}.yaml"
     assert spec["methods"].keys() == {"adalora", "lora"} and spec["seeds"] == [0, 1, 2]
     assert all(len(g["optim.lr"]) == 3 for g in spec["methods"].values())
+    assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3] and spec["widen"] == ["optim.lr"]
     assert protocol.default_grid_file("glue_converged", "mrpc", root).name == "glue_converged.yaml"
 
 

@@ -18,9 +18,6 @@ from adalora_lab.publish import collect
 from adalora_lab.reproduce import ReproduceError, compare_runs, config_drift, main, parse_command, reproduce
 from helpers import ROOT
 
-# one worker builds this module's expensive module-scoped fixtures once ("--dist loadgroup", pyproject.toml)
-pytestmark = pytest.mark.xdist_group("reproduce")
-
 RUN = ["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2", "debug=fast", "logger=none", "threads=1"]
 
 

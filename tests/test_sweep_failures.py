@@ -22,9 +22,6 @@ from adalora_lab import summary
 from adalora_lab.loop import train
 from helpers import ROOT, compose_run
 
-# one worker builds this module's expensive module-scoped fixtures once ("--dist loadgroup", pyproject.toml)
-pytestmark = pytest.mark.xdist_group("sweep_failures")
-
 SWEEP = ["debug=fast", "model=tiny_bert", "logger=none", "method=lora,adalora", "method.target_r=2",
          "method.lora_dropout=0.0,1.0"]
 

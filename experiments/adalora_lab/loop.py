@@ -496,7 +496,8 @@ def finish(run: Run, state: RunState, summary: Summary, log) -> dict:
                 {k: v.detach().cpu() for k, v in run.model.state_dict().items()}, tmp))
         if run.work.finish is not None:  # the task's own artefacts (instruct: samples.jsonl)
             run.work.finish(run.model, run.dir.path)
-        _figures(run, summary, log)
+        if run.cfg.figures:
+            _figures(run, summary, log)
         fault_point("finish", run.total_steps)
         run.dir.write_summary(summary)
         log.close(summary.to_dict())

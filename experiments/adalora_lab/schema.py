@@ -204,6 +204,7 @@ class RunConfig:
     deterministic: bool = False
     threads: Optional[int] = no_effect(None)  # torch intra-op threads; None: the launcher's share of the cores
     progress: bool = no_effect(True)
+    figures: bool = no_effect(True)  # the run's figures (figures/*.png, ~1 s each) at its end; debug=fast: off
     traceback: bool = no_effect(False)  # print the full traceback on an error instead of one line
     # free-form values for interpolation (e.g. glue_compare's per-task protocol table); the loop never reads it,
     # so a resumed or reused run compares the resolved fields, not this table
