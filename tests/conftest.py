@@ -17,7 +17,7 @@ from torch import nn
 torch.set_num_threads(1)
 
 
-# Modules whose module-scoped fixtures build expensive shared state (16 entry-point subprocesses, finished
+# Modules whose module-scoped fixtures build expensive shared state (entry-point subprocesses, finished
 # sweeps, a reference run, a process group): each runs whole on one worker, so that it is built once, not on
 # both. Every other test goes to whichever worker is free. (xdist's own `xdist_group` mark cannot do this on
 # pytest 9, whose node ids it no longer rewrites.)
