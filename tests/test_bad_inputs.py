@@ -105,7 +105,8 @@ ROWS = [
         r"data directory '/nonexistent' does not exist\. Expected '/nonexistent/RTE/train\.tsv'\. "
         r"`task\.data_dir` should point to a GLUE-format folder", sub=True),
     Bad("data_dir_without_task_folder", ("task=rte", "task.data_dir={fx}/no_task_folder"),
-        r"no_task_folder' has no RTE/ folder\. Expected .*`task\.data_dir` should point to a GLUE-format folder"),
+        r"no_task_folder' has no RTE/ folder\. Expected .*`task\.data_dir` should point to a GLUE-format folder"
+        r".*or set `task\.hub=true`"),
     Bad("missing_dev_file", ("task=rte", "task.data_dir={fx}/missing_dev"),
         r"cannot find the rte dev file: .*RTE' has no dev\.tsv\. Expected .*RTE/dev\.tsv"),
     Bad("malformed_row", ("task=rte", "task.data_dir={fx}/malformed"),

@@ -329,7 +329,8 @@ def task_file(task: str | GlueTask, data_dir: str | os.PathLike, split: str) -> 
     raise DataError(
         f"cannot find the {spec.name} {split} file: {problem}. Expected {str(candidates[0])!r}. "
         f"`task.data_dir` should point to a GLUE-format folder (as made by download_glue_data.py) containing "
-        f"{spec.folder}/{fname}, or set hub=True to download task {spec.name!r} with HuggingFace datasets."
+        f"{spec.folder}/{fname}, or set `task.hub=true` to download task {spec.name!r} from the Hub with "
+        f"HuggingFace datasets."
     )
 
 
