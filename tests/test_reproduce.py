@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from adalora_lab.publish import collect
-from adalora_lab.reproduce import ReproduceError, compare_runs, config_drift, main, parse_command, reproduce
+from adalora_lab.reproduce import ReproduceError, compare_runs, config_drift, explain, main, parse_command, reproduce
 from helpers import ROOT
 
 RUN = ["model=tiny_bert", "task=rte", "method=adalora", "method.target_r=2", "debug=fast", "logger=none", "threads=1"]
@@ -67,6 +68,51 @@ def test_a_rerun_is_identical_and_a_changed_number_is_seen(published, tmp_path, 
     assert not res["reproduced"] and res["missing"] == [f"eval step {last['step']}"]
     assert main([str(changed), "--out", str(tmp_path / "rerun2")]) == 1
     assert "NOT reproduced" in capsys.readouterr().out
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_rerun_that_differs_says_where_it_parts_what_environment_differed_and_the_seed_spread(published,
+                                                                                                  tmp_path):
+    """Not identical: the earliest differing record, the environment's differences (or that the recorded run has
+    none), and the final metric's difference against the standard deviation over the cell's seeds."""
+    cell = tmp_path / "cell"
+    recorded, rerun, other = cell / "seed0", tmp_path / "rerun", cell / "seed1"
+    for dst in (recorded, rerun, other):
+        shutil.copytree(published, dst)
+    lines = [json.loads(x) for x in (recorded / "metrics.jsonl").read_text().splitlines()]
+    train = [i for i, rec in enumerate(lines) if rec["split"] == "train"]
+    lines[train[1]]["loss"] += 1e-5  # the second logged loss: where the runs part
+    lines[train[-1]]["loss"] += 0.3  # a larger difference later does not move the first one
+    (recorded / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    metric = json.loads((published / "summary.json").read_text())["main_metric"]
+    final = json.loads((published / "summary.json").read_text())["final"][metric]
+    _edit_json(recorded / "summary.json", lambda d: d["final"].update({metric: final + 0.02}))
+    _edit_json(other / "summary.json", lambda d: d["final"].update({metric: final - 0.02}))
+    _edit_json(recorded / "summary.json", lambda d: d["environments"][0].update(torch="0.0.1", cpu="another CPU"))
+    res = compare_runs(recorded, rerun)
+    assert not res["identical"]
+    step = lines[train[1]]["step"]
+    assert res["first_difference"] == {"split": "train", "step": step, "field": "loss",
+                                       "recorded": lines[train[1]]["loss"], "rerun": lines[train[1]]["loss"] - 1e-5}
+    assert res["environment"] == [f"torch: 0.0.1 -> {torch.__version__}",
+                                  f"cpu: another CPU -> {res_env(rerun)['cpu']}"]
+    assert res["seed_spread"] == (pytest.approx(0.04 / 2 ** 0.5), 2)  # seeds 0 and 1 of the cell: ±0.02
+    text = "\n".join(explain(res))
+    assert f"first difference: train step {step}, loss" in text and "the environment differs: torch: 0.0.1" in text
+    assert "over the cell's 2 seeds it has a standard deviation of 0.0283 (0.71x)" in text
+    _edit_json(recorded / "summary.json", lambda d: d.pop("environments"))  # a run from before the record
+    res = compare_runs(recorded, rerun)
+    assert res["environment"] is None and "did not record its environment" in "\n".join(explain(res))
+    assert compare_runs(rerun, rerun)["environment"] == [] and compare_runs(rerun, rerun)["first_difference"] is None
+
+
+def res_env(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())["environments"][0]
 
 
 def test_a_changed_default_is_named_before_any_compute(published, tmp_path, capsys):

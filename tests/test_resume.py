@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from adalora_lab.loop import train
-from adalora_lab.resume import FAULT_ENV, latest_checkpoint
+from adalora_lab.resume import FAULT_ENV, latest_checkpoint, save_checkpoint
 from helpers import ROOT, compose_run
 
 # 24 steps; masking every 2 steps from step 3; final phase (frozen pattern, compaction) from step 13
@@ -51,6 +51,8 @@ def assert_same(a: tuple, b: tuple) -> None:
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k  # bitwise
+    # one environment, from step 0: a resume on the same machine adds none
+    assert [e["from_step"] for e in sa["environments"]] == [e["from_step"] for e in sb["environments"]] == [0]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,31 @@ def test_resume_from_explicit_checkpoint(reference, overrides, tmp_path, monkeyp
     dst = tmp_path / "dst"
     summary = train(compose_run(overrides + [f"resume={path}"]), dst)
     assert summary["final"] == reference[0]["final"]
+
+
+def test_a_resume_in_another_environment_warns_and_is_recorded_from_its_step(overrides, tmp_path, monkeypatch,
+                                                                               capsys):
+    """The run records where it computes (versions, CPU); resumed under another torch version (faked: the
+    checkpoint's record is rewritten), it says so and summary.json lists both environments with their steps."""
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv(FAULT_ENV, "raise@step:10")
+    with pytest.raises(KeyboardInterrupt):
+        train(compose_run(overrides), run_dir)
+    monkeypatch.delenv(FAULT_ENV)
+    path, ckpt = latest_checkpoint(run_dir)
+    (first,) = ckpt["state"]["environments"]
+    assert first["from_step"] == 0 and first["torch"] == torch.__version__ and first["threads"] == 1
+    assert first["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    first["torch"] = "0.0.1"
+    save_checkpoint(run_dir, ckpt, keep=2)
+    capsys.readouterr()
+    summary = train(compose_run(overrides), run_dir)
+    out = capsys.readouterr().out
+    assert f"resumes at step 9 in another environment than the one it trained in (torch: 0.0.1 -> " \
+           f"{torch.__version__})" in out and "not bit-identical" in out
+    envs = json.loads((run_dir / "summary.json").read_text())["environments"]
+    assert summary["environments"] == envs
+    assert [(e["from_step"], e["torch"]) for e in envs] == [(0, "0.0.1"), (9, torch.__version__)]
 
 
 @pytest.mark.slow

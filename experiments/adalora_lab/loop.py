@@ -35,6 +35,7 @@ from adalora.diagnostics import growth_bound, spectral_report, summarize_by_type
 from adalora.inject import count_trainable, trainable_state_dict
 from adalora.layers import AdapterLayer
 
+from .environment import environment, environment_diff
 from .fingerprint import inputs_diff
 from .resume import (
     fault_point,
@@ -165,7 +166,8 @@ def _train(cfg: RunConfig, run_dir: RunDir) -> dict:
     summary = Summary(status="running", task=cfg.task.name, method=cfg.method.name, target_r=cfg.method.target_r,
                       seed=cfg.seed, main_metric=run.work.main_metric, higher_is_better=run.work.higher_is_better,
                       trainable_params=run.trainable_params, total_steps=run.total_steps,
-                      run_dir=str(run.dir.path), init_budget=sum(run.init_ranks.values()), inputs=run.work.inputs)
+                      run_dir=str(run.dir.path), init_budget=sum(run.init_ranks.values()), inputs=run.work.inputs,
+                      environments=state.environments)
     if run.main:
         run.dir.write_summary(summary)
         if run.work.planted is not None:
@@ -310,6 +312,7 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
             truncate_jsonl(run_dir.rank_history, state.step)
             print(f"[adalora] resuming {run_dir.path} from step {state.step}/{total_steps} ({resume[0].name})",
                   flush=True)
+    _record_environment(state, environment(device), run_dir, main)
     net = distributed.wrap_ddp(model)  # after the allocator and the resume: DDP broadcasts rank 0's weights
     run = Run(cfg=cfg, dir=run_dir, main=main, work=work, model=model, net=net, adapters=adapters, mcfg=mcfg,
               allocator=allocator, optimizer=optimizer, trainable=_clipped(model), total_steps=total_steps,
@@ -317,6 +320,19 @@ def prepare(cfg: RunConfig, run_dir: RunDir) -> tuple[Run | dict, RunState, bool
               init_ranks=init_ranks, trainable_params=n_trainable, cfg_dict=cfg_dict, t_start=t_start,
               structure=adaptive.structure_version(allocator) if allocator is not None else 0)
     return run, state, resume is not None
+
+
+def _record_environment(state: RunState, env: dict, run_dir: RunDir, main: bool) -> None:
+    """Start the run's environment record, or extend it when a resume computes in another environment (other
+    library versions or another CPU: bit-identical results hold only within one)."""
+    last = state.environments[-1] if state.environments else None
+    changed = environment_diff(last, env) if last is not None else []
+    if last is None or changed:
+        if changed and main:
+            print(f"[adalora] warning: {run_dir.path} resumes at step {state.step} in another environment than the "
+                  f"one it trained in ({'; '.join(changed[:4])}); from here on it is not bit-identical to an "
+                  "uninterrupted run. summary.json lists both (environments)", flush=True)
+        state.environments.append({"from_step": state.step, **env})
 
 
 def _clipped(model: nn.Module) -> list:

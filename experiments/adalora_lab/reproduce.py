@@ -10,6 +10,12 @@ since the rerun would be another experiment. The rerun then trains into a folder
 by step: the dev metrics at each evaluation, the training losses, the budget and the final rank pattern. The
 verdict: identical, within ``--tol`` (on the main dev metric), or not, with the largest differences. The thread
 count is part of the command (``threads=1``), since it changes the order of float sums.
+
+Bit-identical reruns hold within one environment (the library versions and the CPU, which summary.json records
+under ``environments``). Elsewhere a rerun parts from the record in the last bits of the first logged loss, and
+training carries that to another end point; for a rerun that is not identical the verdict says where the two
+runs part, how the environments differ, and how the final metric's difference compares with the standard
+deviation over the cell's seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import dataclasses
 import json
 import math
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -26,11 +33,13 @@ from pathlib import Path
 
 import yaml
 
+from .environment import environment_diff
 from .publish import rerun_command
 from .rundir import CONFIG, METRICS, RANK_PATTERN, SUMMARY, read_json
 from .schema import config_diff, flatten
 
-__all__ = ["ReproduceError", "compare_runs", "config_drift", "main", "parse_command", "reproduce"]
+__all__ = ["ReproduceError", "compare_runs", "config_drift", "explain", "main", "parse_command", "reproduce",
+           "seed_spread"]
 
 REPO = Path(__file__).resolve().parents[2]
 _TRAIN = "experiments/train.py"
@@ -97,19 +106,39 @@ def _records(run: Path) -> dict[tuple, dict]:
     return out
 
 
+def _environments(summary: dict) -> list[dict]:
+    return [e for e in summary.get("environments") or [] if isinstance(e, dict)]
+
+
+def seed_spread(run: Path, metric: str) -> tuple[float, int] | None:
+    """(standard deviation, number of seeds) of the final ``metric`` over the run's cell: the ``seed*`` folders
+    beside it (the published layout); None with fewer than two."""
+    values = []
+    for folder in sorted(run.parent.glob("seed*")):
+        value = ((read_json(folder / SUMMARY) or {}).get("final") or {}).get(metric)
+        if isinstance(value, (int, float)):
+            values.append(float(value))
+    return (statistics.stdev(values), len(values)) if len(values) >= 2 else None
+
+
 def compare_runs(recorded: Path, rerun: Path, tol: float = 0.0) -> dict:
     """Step-by-step comparison of two run folders: {identical, reproduced, main_metric, max_main_diff, diffs
-    (the largest difference per field), missing (records one run has and the other lacks), summary}."""
+    (the largest difference per field), missing (records one run has and the other lacks), first_difference
+    (the earliest record that differs: split, step, field, recorded, rerun), environment (how the rerun's
+    environment differs from the recorded one's; None when the run did not record it), seed_spread}."""
     s_old, s_new = read_json(recorded / SUMMARY) or {}, read_json(rerun / SUMMARY) or {}
     metric = s_old.get("main_metric") or s_new.get("main_metric")
     old, new = _records(recorded), _records(rerun)
     diffs: dict[str, float] = {}
-    for key in sorted(set(old) & set(new), key=str):
-        for field in set(old[key]) | set(new[key]):
+    first = None
+    for key in sorted(set(old) & set(new), key=lambda k: (k[1] if isinstance(k[1], int) else -1, str(k[0]))):
+        for field in sorted(set(old[key]) | set(new[key])):
             a, b = old[key].get(field), new[key].get(field)
             name = f"{key[0]}/{field}"
             d = math.inf if a is None or b is None else abs(float(a) - float(b))
             diffs[name] = max(diffs.get(name, 0.0), d)
+            if d > 0 and first is None:
+                first = {"split": key[0], "step": key[1], "field": field, "recorded": a, "rerun": b}
     missing = sorted({f"{k[0]} step {k[1]}" for k in set(old) ^ set(new)})
     final = {}
     for which in ("final", "best"):
@@ -128,9 +157,13 @@ def compare_runs(recorded: Path, rerun: Path, tol: float = 0.0) -> dict:
     main = [v for k, v in diffs.items() if k in (f"eval/{metric}", f"final/{metric}", f"best/{metric}")]
     max_main = max(main) if main else math.inf
     identical = not missing and all(v == 0 for v in diffs.values())
+    env_old, env_new = _environments(s_old), _environments(s_new)
+    environment = environment_diff(env_old[0], env_new[0]) if env_old and env_new else None
     return {"identical": identical, "reproduced": identical or (not missing and max_main <= tol),
             "main_metric": metric, "max_main_diff": max_main, "final": final, "missing": missing,
-            "diffs": {k: v for k, v in sorted(diffs.items(), key=lambda kv: -kv[1]) if v > 0}}
+            "diffs": {k: v for k, v in sorted(diffs.items(), key=lambda kv: -kv[1]) if v > 0},
+            "first_difference": first, "environment": environment, "recorded_resumed_elsewhere": len(env_old) > 1,
+            "seed_spread": seed_spread(recorded, metric) if metric else None}
 
 
 def _default_out(run: Path) -> Path:
@@ -200,4 +233,38 @@ def main(argv=None) -> int:
             print(f"records in one run only: {', '.join(res['missing'][:8])}")
         verdict = "reproduced" if res["reproduced"] else "NOT reproduced"
         print(f"{verdict}: the main dev metric differs by at most {res['max_main_diff']:.3g} (--tol {a.tol:g})")
+        for line in explain(res):
+            print(f"  {line}")
     return 0 if res["reproduced"] else 1
+
+
+def explain(res: dict) -> list[str]:
+    """Where the two runs part and what differed between their environments, for a rerun that is not
+    identical: a first difference in the last bits of the first logged loss, with the same config and inputs,
+    is the mark of other kernels or library versions; a config or data difference shows from the start."""
+    out = []
+    first = res.get("first_difference")
+    if first is not None:
+        a, b = first["recorded"], first["rerun"]
+        size = "" if a is None or b is None else (
+            f", {abs(a - b):.3g} apart" + (f" (relative {abs(a - b) / abs(a):.1g})" if a else ""))
+        out.append(f"first difference: {first['split']} step {first['step']}, {first['field']} "
+                   f"recorded {_fmt(a)}, rerun {_fmt(b)}{size}")
+    env = res.get("environment")
+    if env is None:
+        out.append("the recorded run did not record its environment (library versions, CPU), so whether it "
+                   "differs cannot be said")
+    elif env:
+        out.append("the environment differs: " + "; ".join(env))
+    else:
+        out.append("the environment is the same (library versions, CPU model and vector units, threads)")
+    if res.get("recorded_resumed_elsewhere"):
+        out.append("the recorded run was resumed in another environment (its summary.json lists them)")
+    spread, final = res.get("seed_spread"), res["final"].get("final", (None, None))
+    if spread is not None and None not in final:
+        d = abs(final[0] - final[1])
+        out.append(f"the final {res['main_metric']} differs by {d:.3g}; over the cell's {spread[1]} seeds it has "
+                   f"a standard deviation of {spread[0]:.3g} ({d / spread[0]:.2f}x)" if spread[0] > 0 else
+                   f"the final {res['main_metric']} differs by {d:.3g}; the cell's {spread[1]} seeds all have the "
+                   "same value")
+    return out

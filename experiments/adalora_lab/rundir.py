@@ -107,6 +107,7 @@ class Summary:
     error: str | None = None
     failed_step: int | None = None
     inputs: dict = field(default_factory=dict)  # what the run read, by content (see Workload.inputs)
+    environments: list = field(default_factory=list)  # what it computed on, from which step (RunState.environments)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

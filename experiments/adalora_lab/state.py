@@ -27,6 +27,9 @@ class RunState:
     compacted: bool = False  # the method's compact() ran (the adapters are at their final ranks)
     lr_sum: float = 0.0  # sum of the learning rates applied so far: the bound on AdaLoRA's |λ| growth
     elapsed: float = 0.0  # wall seconds spent by the earlier pieces of a resumed run
+    # where the run computed (environment.environment, with the step it began at); a resume in another one adds
+    # an entry, since the steps from there on are not bit-identical to an uninterrupted run's
+    environments: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
