@@ -106,6 +106,29 @@ def test_failed_run_says_why(sweep):
     assert all(" | failed | " in line and "must be in [0, 1)" in line for line in listed), listed
 
 
+def test_published_runs_restore_to_the_folders_the_sweep_gave_them(sweep, tmp_path):
+    """collect_results.py --restore puts each published run back at the folder Hydra's sweep gave it (so the
+    tuning protocol on a fresh clone counts it as done), with its files, and never overwrites a folder there."""
+    from adalora_lab.publish import collect
+
+    copied, _ = collect(sweep["dir"], tmp_path / "published")
+    finished = {d.relative_to(sweep["dir"]) for d in _run_dirs(sweep["dir"]) if _status(d) in ("completed", "failed")}
+    assert len(copied) == len(finished) >= 2  # the published names are not the sweep's: lora_r2_method.lora_...
+    restored = tmp_path / "restored"
+    cmd = [sys.executable, str(ROOT / "experiments" / "collect_results.py"), "--restore", str(restored),
+           str(tmp_path / "published")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert f"restored {len(finished)} run folders" in out.stdout
+    assert {d.relative_to(restored) for d in _run_dirs(restored)} == finished
+    for rel in finished:
+        assert (restored / rel / "summary.json").read_bytes() == (sweep["dir"] / rel / "summary.json").read_bytes()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "restored 0 run folders" in again.stdout and again.stdout.count("already exists") == len(finished)
+    wrong = subprocess.run(cmd[:3] + [str(tmp_path / "published"), str(restored)], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert wrong.returncode == 2 and "sweep folder first" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
 def test_sweep_stderr_has_no_traceback(sweep):
     assert "Traceback" not in sweep["run"].stderr
 

@@ -32,7 +32,7 @@ from .schema import (
     PathsConfig,
     RunConfig,
     TaskConfig,
-    result_fields,
+    sweep_name_excludes,
 )
 
 cs = ConfigStore.instance()
@@ -68,14 +68,7 @@ CONF_DIR = os.environ.get("ADALORA_CONF", str(Path(__file__).resolve().parents[2
 
 _UID = f"{os.getpid()}{secrets.token_hex(2)}"  # one per process: runs started in the same second get their own folder
 OmegaConf.register_new_resolver("adalora_uid", lambda: _UID, replace=True)
-# Sweep folder names leave out the fields that do not change a result (schema metadata), and those the folder
-# path already holds.
-_PATH_KEYS = ["seed", "task", "method", "method.target_r", "experiment", "debug", "hydra/launcher",
-              "hydra.sweep.dir", "hydra.run.dir"]
-OmegaConf.register_new_resolver(
-    "adalora_name_excludes", lambda: _PATH_KEYS + result_fields()[1] + [f"{k}.{sub}" for k in result_fields()[1]
-                                                                        for sub in ("name", "mode", "project")],
-    replace=True)
+OmegaConf.register_new_resolver("adalora_name_excludes", sweep_name_excludes, replace=True)
 
 
 def _threads_for_launcher(run_cfg: RunConfig) -> None:

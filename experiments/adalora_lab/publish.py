@@ -14,6 +14,12 @@ says what the run was and holds no ``=`` or ``,``. Two runs with the same result
 every published run: its path, status, task, method, budget, seed, final and best main metric and the command.
 Runs still running or cut off (no final status) are reported and skipped. Rerunning adds new runs and refreshes
 the index. ``--figure-of`` also copies that run's figures/rank_history.png beside the index.
+
+``--restore`` goes the other way: every published run of DEST_DIR goes back into SWEEP_DIR, at the folder Hydra's
+sweep gives its command (``<task>/<method>_r<r>/<override_dirname>/seed<s>``, from its command.txt), so that the
+tuning protocol (experiments/glue_converged.py) on a fresh clone counts the published runs as done and runs only
+what is missing. A folder already there is never overwritten; it is reported. Restored runs carry no checkpoint,
+so a plain ``train.py`` into the same folder would train again; the protocol never starts a finished point.
 """
 
 from __future__ import annotations
@@ -31,9 +37,9 @@ from pathlib import Path
 import yaml
 
 from .rundir import COMMAND, CONFIG, HYDRA_OVERRIDES, INNER_DIRS, SMALL_FILES, SUMMARY, read_json
-from .schema import RunConfig, flatten, result_fields
+from .schema import RunConfig, flatten, result_fields, sweep_name_excludes
 
-__all__ = ["canonical_name", "collect", "main", "rerun_command"]
+__all__ = ["canonical_name", "collect", "main", "rerun_command", "restore", "sweep_subdir"]
 
 _DEFAULTS = flatten(dataclasses.asdict(RunConfig()))
 _PATH_FIELDS = ("task.name", "method.name", "method.target_r", "seed")
@@ -130,6 +136,39 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
     return copied, skipped
 
 
+def sweep_subdir(command: str, cfg: dict) -> Path:
+    """The folder a ``train.py -m`` sweep gives the run of ``command`` (conf/train.yaml's ``hydra.sweep.subdir``:
+    ``<task>/<method>_r<r>/<override_dirname>/seed<s>``). ``override_dirname`` is Hydra's: the overrides whose key
+    is not excluded (:func:`sweep_name_excludes`), sorted, joined by ``_``, with ``=`` as ``-``; ``cfg`` is the
+    run's saved config (task, method, budget and seed)."""
+    excluded = set(sweep_name_excludes())
+    words = shlex.split(command)
+    overrides = words[words.index("experiments/train.py") + 1:] if "experiments/train.py" in words else words
+    kept = sorted(o for o in overrides if "=" in o and o.split("=", 1)[0].lstrip("+~") not in excluded)
+    name = "_".join(kept).replace("=", "-")
+    cell = Path(cfg["task"]["name"]) / f"{cfg['method']['name']}_r{cfg['method']['target_r']}"
+    return (cell / name if name else cell) / f"seed{cfg['seed']}"
+
+
+def restore(dest: Path, sweep_dir: Path) -> tuple[list[Path], list[str]]:
+    """Copy ``dest``'s published runs back into ``sweep_dir`` at their sweep folders (module docstring):
+    (restored run folders, skipped runs with the reason)."""
+    restored, skipped = [], []
+    for run in _runs(dest / "runs") if (dest / "runs").is_dir() else []:
+        rel = run.relative_to(dest)
+        command = (run / COMMAND).read_text().strip() if (run / COMMAND).is_file() else ""
+        if not command or not (run / CONFIG).is_file():
+            skipped.append(f"{rel}: no {COMMAND} or {CONFIG}, so its sweep folder is unknown")
+            continue
+        target = sweep_dir / sweep_subdir(command, yaml.safe_load((run / CONFIG).read_text()))
+        if target.exists():
+            skipped.append(f"{rel}: {target} already exists (left as it is)")
+            continue
+        shutil.copytree(run, target)
+        restored.append(target)
+    return restored, skipped
+
+
 def write_index(dest: Path) -> Path:
     """``index.csv`` over every run published under ``dest/runs`` (also earlier ones)."""
     rows = []
@@ -158,7 +197,19 @@ def main(argv=None) -> int:
     parser.add_argument("dest_dir", type=Path)
     parser.add_argument("--figure-of", default=None, help="a run folder, relative to SWEEP_DIR, whose rank "
                         "history figure is copied beside the index")
+    parser.add_argument("--restore", action="store_true", help="the other way: copy DEST_DIR's published runs "
+                        "back into SWEEP_DIR at their sweep folders, so that the tuning protocol reuses them")
     args = parser.parse_args(argv)
+    if args.restore:
+        if not (args.dest_dir / "runs").is_dir():
+            print(f"collect_results.py: error: {args.dest_dir / 'runs'} is not a folder; --restore takes the "
+                  "sweep folder first and the published results folder second", file=sys.stderr)
+            return 2
+        restored, skipped = restore(args.dest_dir, args.sweep_dir)
+        print(f"restored {len(restored)} run folders under {args.sweep_dir}; skipped {len(skipped)}")
+        for line in skipped:
+            print(f"  skipped {line}")
+        return 0
     if not args.sweep_dir.is_dir():
         print(f"collect_results.py: error: {args.sweep_dir} is not a folder", file=sys.stderr)
         return 2

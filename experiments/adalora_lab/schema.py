@@ -231,6 +231,18 @@ def result_fields(cls=None, prefix: str = "") -> tuple[list[str], list[str]]:
     return yes, no
 
 
+# Sweep folders (conf/train.yaml: <task>/<method>_r<r>/<override_dirname>/seed<s>) name a run by its overrides,
+# less those the path already holds and those that cannot change a result (the no_effect fields).
+SWEEP_PATH_KEYS = ("seed", "task", "method", "method.target_r", "experiment", "debug", "hydra/launcher",
+                   "hydra.sweep.dir", "hydra.run.dir")
+
+
+def sweep_name_excludes() -> list[str]:
+    """The override keys a sweep folder's name leaves out (Hydra's ``override_dirname.exclude_keys``)."""
+    no = result_fields()[1]
+    return [*SWEEP_PATH_KEYS, *no, *(f"{k}.{sub}" for k in no for sub in ("name", "mode", "project"))]
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
