@@ -156,7 +156,7 @@ def restore(dest: Path, sweep_dir: Path) -> tuple[list[Path], list[str]]:
     restored, skipped = [], []
     for run in _runs(dest / "runs") if (dest / "runs").is_dir() else []:
         rel = run.relative_to(dest)
-        command = (run / COMMAND).read_text().strip() if (run / COMMAND).is_file() else ""
+        command = rerun_command(run)  # a published run's command.txt
         if not command or not (run / CONFIG).is_file():
             skipped.append(f"{rel}: no {COMMAND} or {CONFIG}, so its sweep folder is unknown")
             continue
@@ -206,10 +206,7 @@ def main(argv=None) -> int:
                   "sweep folder first and the published results folder second", file=sys.stderr)
             return 2
         restored, skipped = restore(args.dest_dir, args.sweep_dir)
-        print(f"restored {len(restored)} run folders under {args.sweep_dir}; skipped {len(skipped)}")
-        for line in skipped:
-            print(f"  skipped {line}")
-        return 0
+        return _report(f"restored {len(restored)} run folders under {args.sweep_dir}", skipped)
     if not args.sweep_dir.is_dir():
         print(f"collect_results.py: error: {args.sweep_dir} is not a folder", file=sys.stderr)
         return 2
@@ -223,8 +220,12 @@ def main(argv=None) -> int:
         s = read_json(run / SUMMARY) or {}
         name = f"rank_history_{s.get('task')}_{s.get('method')}_r{s.get('target_r')}_seed{s.get('seed')}.png"
         shutil.copy2(fig, args.dest_dir / name)
-    print(f"published {len(copied)} run folders under {args.dest_dir / 'runs'} (index: {args.dest_dir / INDEX}); "
-          f"skipped {len(skipped)}")
+    return _report(f"published {len(copied)} run folders under {args.dest_dir / 'runs'} (index: "
+                   f"{args.dest_dir / INDEX})", skipped)
+
+
+def _report(done: str, skipped: list[str]) -> int:
+    print(f"{done}; skipped {len(skipped)}")
     for line in skipped:
         print(f"  skipped {line}")
     return 0
