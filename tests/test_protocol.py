@@ -224,3 +224,22 @@ def test_a_rerun_queues_the_seeds_of_a_finished_grid_before_the_workers_start(tm
                                  "adalora": {"optim.lr": [1e-3, 3e-3, 1e-2]}}, seeds=(0, 1))
     run_protocol("mrpc", grid, sweep, None, jobs=1, runner=trainer)
     assert [(m, s) for m, _, s in calls] == [("lora", 1)] + [("adalora", 0)] * 3 + [("adalora", 1)]
+
+
+@pytest.mark.parametrize("peak, want", [(1e-2, [("lora", 3e-2, 0)]),  # best at the top edge: the widened point
+                                        (3e-3, [("lora", 3e-3, 1), ("lora", 3e-3, 2)])])  # inside: the seeds
+def test_a_dry_run_looks_past_a_finished_grid_to_the_runs_that_come_next(tmp_path, capsys, peak, want):
+    """A dry run whose first round is already done prints what follows from it, runs nothing, and writes no
+    choices file (a finished seed-0 grid used to print nothing at all)."""
+    sweep, calls, lock = tmp_path / "sweep", [], threading.Lock()
+    trainer = _fake_trainer(sweep, peak, calls, lock)
+    for lr in (1e-3, 3e-3, 1e-2):
+        trainer(["method=lora", f"optim.lr={lr}", "seed=0"])
+    calls.clear()
+    grid = _grid_file(tmp_path, {"lora": {"optim.lr": [1e-3, 3e-3, 1e-2]}})
+    run_protocol("mrpc", grid, sweep, None, jobs=1, dry_run=True, runner=trainer)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("run:")]
+    got = [(kv["method"], float(kv["optim.lr"]), int(kv["seed"]))
+           for kv in (dict(o.split("=", 1) for o in line.split()[1:] if "=" in o) for line in printed)]
+    assert got == want
+    assert calls == [] and not (sweep / "mrpc" / "choices.json").exists()

@@ -229,7 +229,7 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
         for j in jobs:
             j.done.wait()
         handled_later = jobs
-        if pool.dry_run:
+        if pool.dry_run and jobs:  # their results decide what follows; a finished round is looked past
             arrive()
             return
         pick = choose([x for x in _runs_of(sweep, task, method, r) if x.get("seed") == seeds[0]], grid, extra)
@@ -252,7 +252,8 @@ def _pipeline(pool: _Pool, priority: int, method: str, grid: dict, spec: dict, t
     with lock:
         report[method] = {"grid": grid, "widened": extra, "line": pick["line"], "chosen": point,
                           "edge": pick["edge"], "seed0_scores": pick["scores"], "cell": " ".join(cell)}
-        _save_choices(sweep / task / "choices.json", {method: report[method]})  # now, not only at the end
+        if not pool.dry_run:
+            _save_choices(sweep / task / "choices.json", {method: report[method]})  # now, not only at the end
     at_point = [x for x in _runs_of(sweep, task, method, r)
                 if _score(x) is not None and all(_close(_get(x["config"], k), v) for k, v in point.items())]
     have = {x.get("seed") for x in at_point}
@@ -357,7 +358,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", default="multirun/glue_converged", help="the sweep folder")
     ap.add_argument("--experiment", default="glue_converged", help="the experiment preset")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
-    ap.add_argument("--dry-run", action="store_true", help="print the first round of runs and stop")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the next runs (the first round with any left to run) and stop")
     a = ap.parse_args(argv)
     if a.jobs < 1:
         ap.error("--jobs must be at least 1")
