@@ -384,3 +384,14 @@ def test_run_figures_writes_every_figure_of_a_run(tmp_path):
     assert plots.run_title({"task": "rte", "method": "full", "target_r": None, "seed": 1}) == "rte / full / seed 1"
     plain = write_run(tmp_path / "full", task="rte", method="full", target_r=2, seed=0, final={"accuracy": 0.8})
     assert [Path(p).name for p in plots.run_figures(plain, summary)] == ["learning_curves.png"]
+
+
+def test_a_long_heatmap_title_is_wrapped_inside_the_figure():
+    """A sweep cell's name with its seed count is wider than the 6-layer heat map: it wraps, not runs off both edges."""
+    pattern = {f"encoder.layer.{i}.attention.self.{t}": 2 for i in range(6) for t in ("query", "key", "value")}
+    title = "mrpc / adalora optim.lr=0.01 method.orth_reg_weight=0.1 / target_r=2: mean rank over 4 seeds"
+    fig = plots.rank_heatmap_figure(pattern, title=title)
+    FigureCanvasAgg(fig).draw()
+    box, width = fig._suptitle.get_window_extent(), fig.get_figwidth() * fig.dpi
+    assert 0 <= box.x0 and box.x1 <= width
+    assert fig.get_suptitle().replace("\n", " ") == title

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,13 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _wrapped_suptitle(fig: Figure, title: str, fontsize: float = 10) -> None:
+    """The figure's title, wrapped at its width (about 0.6 em per character), so that a long sweep-cell name in a
+    narrow figure is not cut at both edges."""
+    chars = max(int(fig.get_figwidth() * 72 / (0.6 * fontsize)), 20)
+    fig.suptitle(textwrap.fill(title, chars, break_on_hyphens=False), fontsize=fontsize)
+
+
 # ---------------------------------------------------------------------------------------------- colours
 
 
@@ -315,7 +323,7 @@ def rank_heatmap_figure(rank_pattern: dict, title: str | None = None, planted: d
         ax = fig.subplots()
         _say_empty(ax, "no adapted module")
         if title:
-            fig.suptitle(title, fontsize=10)
+            _wrapped_suptitle(fig, title)
         return fig
     mats = [(label, rank_matrix(data, names)) for label, data in panels]
     _, layers, types = mats[0][1]
@@ -364,7 +372,7 @@ def rank_heatmap_figure(rank_pattern: dict, title: str | None = None, planted: d
     if bars:
         _layer_bars(grid[1], [m for _, (m, _, _) in mats], layers, types, fontsize)
     if title:
-        fig.suptitle(title, fontsize=10)
+        _wrapped_suptitle(fig, title)
     return fig
 
 
