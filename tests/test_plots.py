@@ -395,3 +395,52 @@ def test_a_long_heatmap_title_is_wrapped_inside_the_figure():
     box, width = fig._suptitle.get_window_extent(), fig.get_figwidth() * fig.dpi
     assert 0 <= box.x0 and box.x1 <= width
     assert fig.get_suptitle().replace("\n", " ") == title
+
+
+# ---------------------------------------------------------------------------------- step axes
+
+
+LONG_CELLS = ("lora optim.lr=0.001", "adalora optim.lr=0.003 method.orth_reg_weight=0.3")  # the legend narrows the axes
+
+
+def _step_figures(monkeypatch, last: int) -> dict:
+    """Every figure with a step axis, its steps running to ``last``: {name: (figure, the axes with a step axis)}."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or str(path))
+    steps = np.linspace(0, last, 60).round().astype(int)
+    evals = [{"step": int(s), "accuracy": 0.5 + 0.3 * k / 60, "eval_loss": 0.7, "sigma_max/query": 0.1 + k,
+              "scale_lambda_max/query": 0.1 + k, "growth_bound": 1.0 + k} for k, s in enumerate(steps)]
+    train = [{"step": int(s), "loss": 0.7 - 0.3 * k / 60} for k, s in enumerate(steps)]
+    plots.learning_curves_plot(train, evals, "l.png", metric="accuracy")
+    series = [{"method": m, "target_r": 2, "curves": [[(int(s), 0.5 + 0.001 * k + 0.01 * seed) for k, s in
+                                                        enumerate(steps)] for seed in range(3)]} for m in LONG_CELLS]
+    plots.sweep_curves_plot(series, "s.png", metric="accuracy")
+    learning, sweep = drawn
+    names = [f"encoder.layer.{i}.attention.self.query" for i in range(3)]
+    history = [{"step": int(s), "budget": 6 - k // 20, "ranks": {n: 2 - (k // 20 if j == 0 else 0) for j, n in
+                                                                 enumerate(names)}} for k, s in enumerate(steps)]
+    ranks = plots.rank_history_figure(history)
+    growth = plots.growth_figure(evals)
+    growth_cmp = plots.growth_comparison_figure([{"method": "adalora", "target_r": 2, "evals": evals}])
+    return {"learning curves": (learning, learning.axes[:2]), "sweep curves": (sweep, sweep.axes[:1]),
+            "rank history": (ranks, ranks.axes[2:3]), "growth": (growth, growth.axes[:1]),
+            "growth comparison": (growth_cmp, [ax for ax in growth_cmp.axes if ax.lines])}
+
+
+@pytest.mark.parametrize("last", [300, 3_450, 12_630, 125_000])
+def test_step_tick_labels_do_not_run_together(monkeypatch, last):
+    """SST-2 at 6 epochs runs 12,630 steps: its labels at 10,500 and 12,000 ran into each other. Every step axis
+    keeps at least three labels, each clear of the next, and writes five-digit steps in thousands."""
+    for name, (fig, axes) in _step_figures(monkeypatch, last).items():
+        FigureCanvasAgg(fig).draw()
+        for ax in axes:
+            lo, hi = ax.get_xlim()
+            shown = [t for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
+            assert len(shown) >= 3, (name, last, [t.get_text() for t in shown])
+            boxes = sorted((t.get_window_extent() for t in shown), key=lambda b: b.x0)
+            assert all(a.x1 + 2 <= b.x0 for a, b in zip(boxes, boxes[1:])), (name, last, [t.get_text() for t in shown])
+            texts = [t.get_text() for t in shown]
+            if last >= 10_000:
+                assert all(t == "0" or t.endswith("k") for t in texts), (name, texts)
+            else:
+                assert all(t.replace("−", "-").lstrip("-").isdigit() for t in texts), (name, texts)

@@ -299,6 +299,21 @@ def _log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
+def _step_axis(ax, nbins: int = 6) -> None:
+    """An x axis of optimizer steps: at most ``nbins`` integer ticks at 1, 2, 2.5 or 5 times a power of ten, and
+    from 10,000 on every label in thousands ("2.5k", "10k") so that five-digit labels do not run together."""
+    from matplotlib.ticker import FuncFormatter
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=nbins, steps=[1, 2, 2.5, 5, 10]))
+
+    def label(v, _):
+        if max(abs(x) for x in ax.get_xlim()) < 10_000 or v == 0:
+            return f"{v:g}"
+        return f"{v / 1000:g}k"
+
+    ax.xaxis.set_major_formatter(FuncFormatter(label))
+
+
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
     cols = min(n, max_cols)
     return math.ceil(n / cols), cols
@@ -512,7 +527,7 @@ def rank_history_figure(history: list[dict], title: str | None = None) -> Figure
     for ax in [ax_b, *rank_axes]:
         ax.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
         ax.grid(alpha=0.3)
-    ax_b.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=6))
+    _step_axis(ax_b)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
@@ -681,7 +696,7 @@ def learning_curves_plot(train: list[dict], evals: list[dict], path, metric: str
     ax_m.set_title(f"dev {metric or 'metric'}", fontsize=10)
     for ax in (ax_l, ax_m):
         ax.set_xlabel("step")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _step_axis(ax)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -735,7 +750,7 @@ def sweep_curves_plot(series: list[dict], path, metric: str, higher_is_better: b
         _log_if_wide(ax, np.asarray(values) * scale)
     ax.set_xlabel("step")
     ax.set_ylabel(f"dev {_unit(metric, scale, higher_is_better)}", fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axis(ax)
     ax.grid(alpha=0.3)
     _outside_legend(fig, [ax], title="mean ± std over seeds")
     if title:
@@ -839,7 +854,7 @@ def _finish_growth_axes(axes, types, values) -> None:
             ax.set_xlabel("step")
             ax.tick_params(labelbottom=True)
         ax.grid(alpha=0.3, which="both")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=5))
+        _step_axis(ax, nbins=5)
     vals = [v for v in values if _finite(v)]
     if vals and min(vals) > 0:
         _log_y(axes[0])  # the axes share y
@@ -886,7 +901,7 @@ def growth_figure(evals: list[dict], title: str | None = None) -> Figure:
               title="module type / quantity", title_fontsize=7)
     ax.set_xlabel("step")
     ax.set_ylabel("spectral norm (max over modules of the type)", fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _step_axis(ax)
     ax.grid(alpha=0.3, which="both")
     fig.suptitle(title or "growth diagnostic", fontsize=10)
     return fig
