@@ -589,3 +589,45 @@ def test_the_grid_check_compares_values_on_the_seeds_they_share(tmp_path):
     (g,) = even["grid"]
     assert g["seeds"] is None and g["best_mean"] == pytest.approx(0.75)
     assert "which every value has" not in even["markdown"]
+
+
+def test_a_new_varying_field_renames_published_runs_instead_of_publishing_them_twice(tmp_path):
+    """A longer run joins a sweep already published: ``epochs`` now varies, the cells' names grow by it, and the
+    runs published under the old names move to the new ones; the summary then finds each run once."""
+    from adalora_lab.publish import collect
+
+    sweep, dest = tmp_path / "sweep", tmp_path / "published"
+    for lr in (0.001, 0.003):
+        write_run(sweep / f"lr{lr}", task="mrpc", method="lora", target_r=2, seed=0, final={"accuracy": 0.8}, lr=lr)
+    collect(sweep, dest)
+    assert sorted(p.parent.name for p in (dest / "runs" / "mrpc").glob("*/seed0")) == [
+        "lora_r2_optim.lr-0.001", "lora_r2_optim.lr-0.003"]
+    longer = write_run(sweep / "long", task="mrpc", method="lora", target_r=2, seed=0, final={"accuracy": 0.7})
+    (longer / "config.yaml").write_text((longer / "config.yaml").read_text() + "epochs: 30\n")
+    _, notes = collect(sweep, dest)
+    cells = sorted(p.parent.name for p in (dest / "runs" / "mrpc").glob("*/seed0"))
+    assert len(cells) == 3 and all("epochs-" in c for c in cells), cells
+    assert sum(n.startswith("renamed ") for n in notes) == 2
+    with open(dest / "index.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    result = summary.summarize(dest, quiet=True, plots_=False, by=["optim.lr", "epochs"])
+    assert result["pooling"] == [] and "## Pooling check" in result["markdown"]
+
+
+def test_the_summary_names_a_run_counted_twice_and_a_field_the_cells_were_not_split_by(tmp_path, capsys):
+    """Copies of one run, or runs of two lengths in one cell, would make a mean over seeds that is no experiment's:
+    the summary says so first, names the folders and the field, and says how to fix it."""
+    for name, epochs in (("a", 8), ("b", 8), ("c", 30)):
+        run = write_run(tmp_path / name, task="mrpc", method="lora", target_r=2, seed=0 if name != "c" else 1,
+                        final={"accuracy": 0.8})
+        (run / "config.yaml").write_text((run / "config.yaml").read_text() + f"epochs: {epochs}\n")
+    assert summary.main([str(tmp_path), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert "one run is here 2 times (a, b)" in err and "epochs differs between its runs (30, 8)" in err
+    assert "Fix: split the cells with --by epochs" in err
+    md = (tmp_path / "summary.md").read_text()
+    assert md.index("## Pooling check") < md.index("## Final and best-epoch dev metric")
+    assert "| mrpc | lora | 2 | epochs differs between its runs (30, 8) | split the cells with --by epochs |" in md
+    # split by the length, the 8-epoch cell still holds the copy, the 30-epoch cell is clean
+    problems = summary.summarize(tmp_path, quiet=True, plots_=False, by=["epochs"])["pooling"]
+    assert [p["problem"] for p in problems] == ["one run is here 2 times (a, b)"]

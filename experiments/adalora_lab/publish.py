@@ -13,7 +13,9 @@ says what the run was and holds no ``=`` or ``,``. Two runs with the same result
 (a completed one before a failed one, else the first; the other is reported). ``DEST_DIR/index.csv`` lists
 every published run: its path, status, task, method, budget, seed, final and best main metric and the command.
 Runs still running or cut off (no final status) are reported and skipped. Rerunning adds new runs and refreshes
-the index. ``--figure-of`` also copies that run's figures/rank_history.png beside the index.
+the index; when a new run makes another field vary (a longer ``epochs``), the cells' names grow by it, and each run
+already published under its old name moves to the new one (the same config: reported as renamed), so that no run
+is published twice. ``--figure-of`` also copies that run's figures/rank_history.png beside the index.
 
 ``--restore`` goes the other way: every published run of DEST_DIR goes back into SWEEP_DIR, at the folder Hydra's
 sweep gives its command (``<task>/<method>_r<r>/<override_dirname>/seed<s>``, from its command.txt), so that the
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import hashlib
 import json
 import shlex
@@ -37,22 +38,33 @@ from pathlib import Path
 import yaml
 
 from .rundir import COMMAND, CONFIG, HYDRA_OVERRIDES, INNER_DIRS, SMALL_FILES, SUMMARY, read_json
-from .schema import RunConfig, flatten, result_fields, sweep_name_excludes
+from .schema import result_config, sweep_name_excludes
 
 __all__ = ["canonical_name", "collect", "main", "rerun_command", "restore", "sweep_subdir"]
 
-_DEFAULTS = flatten(dataclasses.asdict(RunConfig()))
 _PATH_FIELDS = ("task.name", "method.name", "method.target_r", "seed")
 INDEX = "index.csv"
+RENAMED = "renamed "  # a note of collect(), not a skipped run: a published run moved to its new cell name
 
 
 def _result_config(run: Path) -> dict:
-    """The run's result-affecting fields, flattened (``optim.lr`` -> value). A field the saved config lacks
-    (written before the field existed) takes its schema default, as a resume does."""
-    cfg = {**_DEFAULTS, **flatten(yaml.safe_load((run / CONFIG).read_text()) or {})}
-    _, ignored = result_fields()
-    return {k: v for k, v in cfg.items()
-            if not k.startswith("inputs") and not any(k == s or k.startswith(s + ".") for s in ignored)}
+    """The run's result-affecting fields, flattened (``optim.lr`` -> value); see :func:`result_config`."""
+    return result_config(yaml.safe_load((run / CONFIG).read_text()) or {})
+
+
+def _digest(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _published(dest: Path) -> dict[str, Path]:
+    """{config digest: folder} of the runs already published under ``dest/runs``."""
+    out = {}
+    for run in _runs(dest / "runs") if (dest / "runs").is_dir() else []:
+        try:
+            out[_digest(_result_config(run))] = run
+        except (OSError, yaml.YAMLError):
+            continue
+    return out
 
 
 def _short(value) -> str:
@@ -112,9 +124,10 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
                                      for g in groups.values())]
     seen: dict[str, Path] = {}
     taken: dict[str, str] = {}  # published name -> config digest
+    before = _published(dest)
     copied = []
     for run, cfg in good:
-        digest = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+        digest = _digest(cfg)
         if digest in seen:
             skipped.append(f"{run.relative_to(sweep_dir)}: the same config as {seen[digest].relative_to(sweep_dir)}")
             continue
@@ -132,8 +145,19 @@ def collect(sweep_dir: Path, dest: Path) -> tuple[list[Path], list[str]]:
         if command is not None:
             (target / COMMAND).write_text(command + "\n")
         copied.append(target)
+        old = before.get(digest)
+        if old is not None and old.resolve() != target.resolve():  # a key that now varies renamed the cell
+            shutil.rmtree(old)
+            skipped.append(f"{RENAMED}{old.relative_to(dest)} -> {target.relative_to(dest)} (the same run)")
+            _remove_empty_parents(old.parent, dest / "runs")
     write_index(dest)
     return copied, skipped
+
+
+def _remove_empty_parents(folder: Path, stop: Path) -> None:
+    while folder != stop and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
 
 
 def sweep_subdir(command: str, cfg: dict) -> Path:
@@ -225,7 +249,11 @@ def main(argv=None) -> int:
 
 
 def _report(done: str, skipped: list[str]) -> int:
-    print(f"{done}; skipped {len(skipped)}")
+    renamed = [line for line in skipped if line.startswith(RENAMED)]
+    skipped = [line for line in skipped if not line.startswith(RENAMED)]
+    print(f"{done}; skipped {len(skipped)}" + (f"; renamed {len(renamed)}" if renamed else ""))
     for line in skipped:
         print(f"  skipped {line}")
+    for line in renamed:
+        print(f"  {line}")
     return 0

@@ -253,6 +253,16 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def result_config(cfg: dict) -> dict:
+    """The result-affecting fields of a saved config, flattened (``optim.lr`` -> value): the ``no_effect`` fields
+    and the resolved ``inputs`` left out, and a field the config lacks (written before the field existed) at its
+    schema default, as a resume takes it. Two runs with equal result configs are the same experiment."""
+    _, ignored = result_fields()
+    full = {**flatten(dataclasses.asdict(RunConfig())), **flatten(cfg or {})}
+    skip = ("inputs", *ignored)
+    return {k: v for k, v in full.items() if not any(k == s or k.startswith(s + ".") for s in skip)}
+
+
 def config_diff(saved: dict, current: dict) -> list[str]:
     """``key: old -> new`` for every field that affects the result and differs between two config dicts.
 

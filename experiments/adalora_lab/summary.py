@@ -68,8 +68,9 @@ def _plots():
     return plots
 
 __all__ = ["SummarizeError", "METHOD_ORDER", "BASELINE", "PLATEAU_POINTS", "read_json", "read_jsonl", "eval_records",
-           "load_run", "collect_runs", "split_by", "aggregate", "paired_stats", "paired_differences", "plateau_rows",
-           "grid_checks", "reference_lines", "allocation_rows", "summarize", "main"]
+           "load_run", "collect_runs", "split_by", "aggregate", "pooling_problems", "paired_stats",
+           "paired_differences", "plateau_rows", "grid_checks", "reference_lines", "allocation_rows",
+           "summarize", "main"]
 
 # Extra final metrics given their own column (and CSV rows) when a task reports them.
 EXTRA_METRICS = ("rank_recovery",)
@@ -352,6 +353,46 @@ def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[
     rows.sort(key=lambda r: (_cell_key(r["base_method"], r["target_r"], r["by"]), _order(r["task"], TASK_ORDER),
                              not r["is_main"], r["metric"]))
     return rows, bad
+
+
+def pooling_problems(runs: list[dict], which: str = "final") -> list[dict]:
+    """What would make a cell's mean pool different experiments: per (task, method label, target_r) of the usable
+    runs, a run that is there twice (the same config and seed: published twice, or copied in under another
+    name), and each
+    result-affecting config field other than the seed whose value differs between the cell's runs (a length or
+    learning rate the cell was not split by). Each: {task, method, target_r, problem, fix}."""
+    from .schema import result_config
+
+    groups, _ = _groups(runs, which)
+    out = []
+    for (task, method, target_r), group in groups.items():
+        cell = {"task": task, "method": method, "target_r": target_r}
+        configs = [result_config(r["config"]) for r in group]
+        same: dict[str, list[str]] = {}  # one experiment (its config, the seed included) -> its run folders
+        for r, c in zip(group, configs):
+            same.setdefault(json.dumps(c, sort_keys=True, default=str), []).append(r["rel"])
+        for where in same.values():
+            if len(where) > 1:
+                out.append({**cell, "problem": f"one run is here {len(where)} times ({', '.join(where)})",
+                            "fix": "keep one of them (republishing with collect_results.py drops renamed copies)"})
+        for key in sorted({k for c in configs for k in c} - {"seed"}):
+            values = sorted({json.dumps(c.get(key), sort_keys=True, default=str) for c in configs})
+            if len(values) > 1:
+                out.append({**cell, "problem": f"{key} differs between its runs ({', '.join(values)})",
+                            "fix": f"split the cells with --by {key}"})
+    return out
+
+
+def _pooling_markdown(problems: list[dict]) -> list[str]:
+    lines = ["## Pooling check", "",
+             "Every cell should pool one experiment over its seeds: no seed twice, no result-affecting config "
+             "field other than the seed differing between its runs.", ""]
+    if not problems:
+        return lines + ["None found.", ""]
+    lines += ["| task | method | target_r | problem | fix |", "|---|---|---:|---|---|"]
+    lines += [f"| {_md_cell(p['task'])} | {_md_cell(p['method'])} | {_fmt_r(p['target_r'])} | {_md_cell(p['problem'])} "
+              f"| {_md_cell(p['fix'])} |" for p in problems]
+    return lines + [""]
 
 
 # -------------------------------------------------------------------------------------------- statistics
@@ -1066,14 +1107,14 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring).
 
     Returns ``{"runs", "rows", "final_rows", "best_rows", "failed", "paired", "paired_final", "paired_best",
-    "plateau", "grid", "references", "allocation", "chosen", "markdown", "table", "files"}``: ``chosen`` (with
-    ``by`` only) {"final", "best": :func:`chosen_cells`, "paired_final", "paired_best": their paired differences};
-    ``rows`` the ``which`` rows of
-    :func:`aggregate` (``final_rows`` / ``best_rows``: those of the final / the best evaluation), ``failed`` the
-    unusable runs (with ``rel`` and ``problem``), ``paired`` (``paired_final``, ``paired_best``) the
-    :func:`paired_differences` of the rows (final, best), ``plateau`` the :func:`plateau_rows`, ``grid`` the
-    :func:`grid_checks` of ``by``, ``references`` the :func:`reference_lines`, and ``files``: {"md", "csv",
-    "comparison", "heatmaps", "learning_curves", "budget", "growth"}.
+    "plateau", "grid", "references", "allocation", "chosen", "pooling", "markdown", "table", "files"}``:
+    ``chosen`` (with ``by`` only) {"final", "best": :func:`chosen_cells`, "paired_final", "paired_best": their
+    paired differences}; ``rows`` the ``which`` rows of :func:`aggregate` (``final_rows`` / ``best_rows``: those of
+    the final / the best evaluation), ``failed`` the unusable runs (with ``rel`` and ``problem``), ``paired``
+    (``paired_final``, ``paired_best``) the :func:`paired_differences` of the rows (final, best), ``plateau`` the
+    :func:`plateau_rows`, ``grid`` the :func:`grid_checks` of ``by``, ``references`` the :func:`reference_lines`,
+    ``pooling`` the :func:`pooling_problems` (listed first in summary.md when there are any, and printed as
+    warnings), and ``files``: {"md", "csv", "comparison", "heatmaps", "learning_curves", "budget", "growth"}.
     Raises :class:`SummarizeError` if the folder does not exist or holds no run.
     """
     if which not in ("final", "best"):
@@ -1105,6 +1146,7 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
             chosen[f"paired_{name}"] = paired_differences(chosen[name])
     refs = reference_lines(runs, rows)
     alloc = allocation_rows(runs, rows)
+    pooling = pooling_problems(runs, which)
 
     files = {"comparison": None, "heatmaps": [], "learning_curves": [], "budget": None, "growth": []}
     if plots_:
@@ -1127,11 +1169,14 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
         files["heatmaps"] = _heatmaps(runs, rows, out)
     figures = [f for f in [files["comparison"], files["budget"], *files["learning_curves"], *files["growth"],
                            *files["heatmaps"]] if f]
-    sections = _cells_markdown(final, best, plateau, scales) + _paired_markdown(paired_final, paired_best, scales)
+    sections = _pooling_markdown(pooling) if pooling else []  # first: every table below is suspect
+    sections += _cells_markdown(final, best, plateau, scales) + _paired_markdown(paired_final, paired_best, scales)
     if chosen:
         sections += _chosen_markdown(chosen["final"], chosen["best"], chosen["paired_final"], chosen["paired_best"],
                                      scales)
     sections += _grid_markdown(grid, scales) + _allocation_markdown(alloc)
+    if not pooling:
+        sections += _pooling_markdown(pooling)
     markdown, table = _markdown(rows, bad, runs, str(root), which, scales, sections, figures)
     md_path, csv_path = out / "summary.md", out / "summary.csv"
     md_path.write_text(markdown)
@@ -1140,7 +1185,8 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
         print(markdown)
     return {"runs": runs, "rows": rows, "final_rows": final, "best_rows": best, "failed": bad, "paired": paired,
             "paired_final": paired_final, "paired_best": paired_best, "plateau": plateau, "grid": grid,
-            "references": refs, "allocation": alloc, "chosen": chosen, "markdown": markdown, "table": table,
+            "references": refs, "allocation": alloc, "chosen": chosen, "pooling": pooling, "markdown": markdown,
+            "table": table,
             "files": {"md": str(md_path), "csv": str(csv_path), **files}}
 
 
@@ -1160,6 +1206,9 @@ def main(argv=None) -> int:
     except SummarizeError as e:
         print(f"summarize.py: error: {e}", file=sys.stderr)
         return 2
+    for p in result["pooling"]:
+        print(f"summarize.py: warning: {p['task']} / {p['method']} / target_r={p['target_r']}: {p['problem']}. "
+              f"Fix: {p['fix']}", file=sys.stderr)
     files = result["files"]
     figures = [f for f in [files["comparison"], files["budget"], *files["learning_curves"], *files["growth"],
                            *files["heatmaps"]] if f]
