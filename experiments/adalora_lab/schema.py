@@ -264,22 +264,11 @@ def result_config(cfg: dict) -> dict:
 
 
 def config_diff(saved: dict, current: dict) -> list[str]:
-    """``key: old -> new`` for every field that affects the result and differs between two config dicts.
-
-    A field that the saved config lacks (written before the field existed) counts as its schema default, so
-    adding a field never strands the checkpoints of runs in progress."""
-    _, ignored = result_fields()
-    skip = tuple(ignored)
-    a, b = flatten(saved), flatten(current)
-    defaults = flatten(dataclasses.asdict(RunConfig()))
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if k == "inputs" or k.startswith("inputs.") or any(k == s or k.startswith(s + ".") for s in skip):
-            continue
-        old = a.get(k, defaults.get(k)) if k not in a else a[k]
-        if old != b.get(k):
-            out.append(f"{k}: {old!r} -> {b.get(k)!r}")
-    return out
+    """``key: old -> new`` for every field that affects the result and differs between two config dicts
+    (:func:`result_config` of each). A field that the saved config lacks (written before the field existed)
+    counts as its schema default, so adding a field never strands the checkpoints of runs in progress."""
+    a, b = result_config(saved), result_config(current)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _need(ok: bool, field_name: str, value, rule: str, fix: str) -> None:

@@ -59,6 +59,7 @@ from pathlib import Path
 import yaml
 
 from . import rundir
+from .schema import result_config
 
 
 def _plots():
@@ -358,11 +359,8 @@ def aggregate(runs: list[dict], which: str = "final") -> tuple[list[dict], list[
 def pooling_problems(runs: list[dict], which: str = "final") -> list[dict]:
     """What would make a cell's mean pool different experiments: per (task, method label, target_r) of the usable
     runs, a run that is there twice (the same config and seed: published twice, or copied in under another
-    name), and each
-    result-affecting config field other than the seed whose value differs between the cell's runs (a length or
-    learning rate the cell was not split by). Each: {task, method, target_r, problem, fix}."""
-    from .schema import result_config
-
+    name), and each result-affecting config field other than the seed whose value differs between the cell's runs
+    (a length or learning rate the cell was not split by). Each: {task, method, target_r, problem, fix}."""
     groups, _ = _groups(runs, which)
     out = []
     for (task, method, target_r), group in groups.items():
@@ -385,7 +383,7 @@ def pooling_problems(runs: list[dict], which: str = "final") -> list[dict]:
 
 def _pooling_markdown(problems: list[dict]) -> list[str]:
     lines = ["## Pooling check", "",
-             "Every cell should pool one experiment over its seeds: no seed twice, no result-affecting config "
+             "Every cell should pool one experiment over its seeds: no run twice, no result-affecting config "
              "field other than the seed differing between its runs.", ""]
     if not problems:
         return lines + ["None found.", ""]
