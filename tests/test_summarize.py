@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from adalora_lab import plots, summary
+from adalora_lab.summary import main as main_cli
 from fake_runs import (
     ACC,
     BEST_BONUS,
@@ -631,3 +632,33 @@ def test_the_summary_names_a_run_counted_twice_and_a_field_the_cells_were_not_sp
     # split by the length, the 8-epoch cell still holds the copy, the 30-epoch cell is clean
     problems = summary.summarize(tmp_path, quiet=True, plots_=False, by=["epochs"])["pooling"]
     assert [p["problem"] for p in problems] == ["one run is here 2 times (a, b)"]
+
+
+def test_where_summarizes_one_slice_of_a_folder_with_its_own_chosen_cells(tmp_path, capsys):
+    """--where epochs=30 keeps the 30-epoch runs only: the chosen cells and their paired difference are those of
+    that length, though the 8-epoch cells have more seeds (and would be chosen without it). The slice needs --out,
+    so that it cannot overwrite the folder's own summary, and a value no run has is an error naming the values."""
+    accs = {("lora", 8, 1e-3): [0.80, 0.81, 0.82, 0.83], ("adalora", 8, 1e-3): [0.90, 0.91, 0.92, 0.93],
+            ("lora", 30, 1e-3): [0.70, 0.72], ("adalora", 30, 1e-3): [0.71, 0.75]}
+    for (method, epochs, lr), values in accs.items():
+        for seed, acc in enumerate(values):
+            folder = write_run(tmp_path / "sweep" / f"{method}_{epochs}" / f"seed{seed}", task="rte", method=method,
+                               target_r=2, seed=seed, final={"accuracy": acc}, lr=lr)
+            with open(folder / "config.yaml", "a") as f:
+                f.write(f"epochs: {float(epochs)}\n")  # as the preset resolves it: 30.0
+    result = summary.summarize(tmp_path / "sweep", out_dir=tmp_path / "e30", plots_=False, by=["optim.lr"],
+                               where={"epochs": "30"})
+    assert len(result["runs"]) == 4 and not result["pooling"]
+    (diff,) = [d for d in result["chosen"]["paired_final"] if d["is_main"]]
+    assert diff["n"] == 2 and diff["mean"] == pytest.approx((0.01 + 0.03) / 2)
+    # without --where the folder pools two lengths in one cell: the pooling check says so
+    assert summary.summarize(tmp_path / "sweep", out_dir=tmp_path / "all", plots_=False, by=["optim.lr"])["pooling"]
+
+    assert main_cli([str(tmp_path / "sweep"), "--where", "epochs=30"]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    assert not (tmp_path / "sweep" / "summary.md").exists()
+    assert main_cli([str(tmp_path / "sweep"), "--where", "epochs=16", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--where epochs=16: no run matches" in err and "{30.0, 8.0}" in err
+    assert main_cli([str(tmp_path / "sweep"), "--where", "epochs", "--out", str(tmp_path / "x")]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Summarize a sweep of AdaLoRA runs: tables with paired statistics, and figures.
 
-    python experiments/summarize.py MULTIRUN_DIR [--out DIR] [--which final|best] [--by KEY ...] [--no-plots]
+    python experiments/summarize.py MULTIRUN_DIR [--out DIR] [--which final|best] [--by KEY ...]
+        [--where KEY=VALUE ...] [--no-plots]
 
 Walks MULTIRUN_DIR for run folders (any folder holding ``summary.json``, ``config.yaml``, ``metrics.jsonl``
 or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--out`` (default MULTIRUN_DIR):
@@ -35,6 +36,11 @@ or ``.hydra/config.yaml``; folder names are not relied on) and writes into ``--o
 
 ``--by optim.lr`` (any dotted key of the runs' resolved config.yaml, repeatable) splits each row by that value,
 e.g. ``lora optim.lr=0.001``: the table of a learning-rate sweep.
+
+``--where epochs=30`` (repeatable) keeps only the runs whose config has that value (numbers compare as numbers,
+so ``30`` matches ``30.0``; ``null`` matches an unset key): the summary of one slice of a folder, such as one
+training length, with its own chosen cells and paired differences. It needs ``--out``, so that the slice never
+overwrites the folder's own summary.
 
 Methods appear in a fixed order (:data:`METHOD_ORDER`: LoRA, AdaLoRA, its variants, then the rivals), split rows
 by their ``--by`` values in numeric order.
@@ -998,6 +1004,47 @@ def _heatmaps(runs: list[dict], rows: list[dict], out: Path) -> list[str]:
     return paths
 
 
+def _same_value(value, text: str) -> bool:
+    """Whether a config value equals a command-line VALUE: numbers as numbers, booleans and null by name."""
+    if value in (None, "unset"):
+        return text.strip().lower() in ("null", "none", "unset")
+    if isinstance(value, bool):
+        return text.strip().lower() == str(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return math.isclose(float(value), float(text), rel_tol=1e-12, abs_tol=0.0)
+        except ValueError:
+            return False
+    return str(value) == text
+
+
+def parse_where(items: list[str]) -> dict[str, str]:
+    """``["epochs=30", "task.name=mrpc"]`` -> ``{"epochs": "30", "task.name": "mrpc"}``; raises SummarizeError naming
+    an item without ``=``."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SummarizeError(f"--where {item!r}: expected KEY=VALUE with a dotted config key, "
+                                 f"e.g. --where epochs=30")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def filter_runs(runs: list[dict], where: dict[str, str]) -> list[dict]:
+    """The runs whose resolved config has every ``where`` value. Raises SummarizeError when none is left, naming
+    the values the runs do have, so that a typo in the key or the value is not an empty summary."""
+    kept = runs
+    for key, text in where.items():
+        left = [r for r in kept if _same_value(_cfg_get(r["config"], key, "unset"), text)]
+        if not left:
+            seen = sorted({str(_cfg_get(r["config"], key, "unset")) for r in kept})
+            raise SummarizeError(f"--where {key}={text}: no run matches; the runs have {key} in {{{', '.join(seen)}}}"
+                                 f". Fix: use one of these values, or check the key's spelling in a run's config.yaml")
+        kept = left
+    return kept
+
+
 def split_by(runs: list[dict], keys: list[str]) -> list[dict]:
     """Runs whose method label carries the value of each dotted config key (``lora optim.lr=0.001``); ``by``
     holds the values ({key: value}, "unset" where the config lacks the key) and ``base_method`` the method. A key
@@ -1101,8 +1148,9 @@ def _growth_figures(runs: list[dict], rows: list[dict], out: Path, chosen: list[
 
 
 def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = True, quiet: bool = True,
-              by: list[str] | None = None) -> dict:
-    """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring).
+              by: list[str] | None = None, where: dict[str, str] | None = None) -> dict:
+    """Collect, aggregate and write the summary of ``multirun_dir`` (see the module docstring); ``where``
+    ({dotted key: value}) keeps only the matching runs (:func:`filter_runs`) and then needs ``out_dir``.
 
     Returns ``{"runs", "rows", "final_rows", "best_rows", "failed", "paired", "paired_final", "paired_best",
     "plateau", "grid", "references", "allocation", "chosen", "pooling", "markdown", "table", "files"}``:
@@ -1120,9 +1168,14 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     root = Path(multirun_dir)
     if not root.is_dir():
         raise SummarizeError(f"{root} does not exist or is not a folder")
+    if where and (out_dir is None or Path(out_dir).resolve() == root.resolve()):
+        raise SummarizeError(f"--where {' '.join(f'{k}={v}' for k, v in where.items())} writes a summary of part of "
+                             f"{root}: give --out DIR, so that it does not overwrite {root}/summary.md")
     runs = collect_runs(root)
     if not runs:
         raise SummarizeError(f"no run folder (with summary.json or config.yaml) found under {root}")
+    if where:
+        runs = filter_runs(runs, where)
     if by:
         runs = split_by(runs, list(by))
     out = Path(out_dir) if out_dir is not None else root
@@ -1196,11 +1249,14 @@ def main(argv=None) -> int:
                         help="use each run's final (default) or best eval metrics")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
                         help="also split rows by this dotted config key, e.g. --by optim.lr (repeatable)")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="keep only runs whose config has this value, e.g. --where epochs=30 (repeatable; "
+                             "needs --out)")
     parser.add_argument("--no-plots", action="store_true", help="write only summary.md and summary.csv")
     args = parser.parse_args(argv)
     try:
         result = summarize(args.multirun_dir, args.out, which=args.which, plots_=not args.no_plots, quiet=False,
-                           by=args.by)
+                           by=args.by, where=parse_where(args.where))
     except SummarizeError as e:
         print(f"summarize.py: error: {e}", file=sys.stderr)
         return 2
