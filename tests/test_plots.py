@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +241,25 @@ def test_a_long_legend_stays_inside_the_figure():
     box, height = legend.get_window_extent(), fig.get_figheight() * fig.dpi
     assert legend._ncols == 2 and 0 <= box.y0 and box.y1 <= height
     assert box.y1 < fig._suptitle.get_window_extent().y0 or box.x0 > fig._suptitle.get_window_extent().x1
+
+
+def test_one_task_with_long_labels_keeps_its_axes_and_its_title():
+    """One task (a --where slice) and --by labels: the figure widens for the legend and the title, where a fixed
+    margin collapsed the axes to nothing (matplotlib warned) and cut the title off on both sides."""
+    labels = ["lora optim.lr=0.0003", "adalora optim.lr=0.001 method.orth_reg_weight=0.3"]
+    rows = [{"task": "mrpc", "method": m, "target_r": 2, "metric": "accuracy", "mean": 0.8, "std": 0.01, "n": 3,
+             "higher_is_better": True, "values": [(0, 0.8)]} for m in labels]
+    title = "final accuracy: mean ± std over seeds (error bar), every seed (dot)"
+    fig = plots.comparison_figure(rows, title=title)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "constrained_layout not applied because axes sizes collapsed to zero"
+        FigureCanvasAgg(fig).draw()
+    ax_box, fig_w = fig.axes[0].get_window_extent(), fig.get_figwidth() * fig.dpi
+    assert ax_box.width > 0.9 * fig.dpi  # the panel keeps about an inch
+    title_box = fig._suptitle.get_window_extent()
+    assert 0 <= title_box.x0 and title_box.x1 <= fig_w
+    (legend,) = fig.legends
+    assert legend.get_window_extent().x1 <= fig_w and legend.get_window_extent().x0 >= ax_box.x1
 
 
 def test_budget_and_sweep_curve_plots(tmp_path):

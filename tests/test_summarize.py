@@ -649,6 +649,7 @@ def test_where_summarizes_one_slice_of_a_folder_with_its_own_chosen_cells(tmp_pa
     result = summary.summarize(tmp_path / "sweep", out_dir=tmp_path / "e30", plots_=False, by=["optim.lr"],
                                where={"epochs": "30"})
     assert len(result["runs"]) == 4 and not result["pooling"]
+    assert result["markdown"].startswith(f"# Summary: {tmp_path / 'sweep'} (runs with epochs=30)\n")
     (diff,) = [d for d in result["chosen"]["paired_final"] if d["is_main"]]
     assert diff["n"] == 2 and diff["mean"] == pytest.approx((0.01 + 0.03) / 2)
     # without --where the folder pools two lengths in one cell: the pooling check says so

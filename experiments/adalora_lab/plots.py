@@ -261,6 +261,10 @@ def _unit(metric: str, scale: float, hib: bool) -> str:
 _LEGEND_ROW_IN = 0.19  # inches per legend entry at fontsize 8
 
 
+_LABEL_CHAR_IN = 0.06  # mean width of a character of an 8-point legend label, in inches
+_TITLE_CHAR_IN = 0.075  # the same for the 10-point title
+
+
 def _outside_legend(fig: Figure, axes, title: str | None = None) -> None:
     """One legend for the figure, right of the axes, each label once; in as many columns as keep it inside the
     figure's height (a sweep's every grid cell is many entries)."""
@@ -593,7 +597,12 @@ def comparison_figure(rows: list[dict], title: str | None = None, references: di
     panel_keys = {m: _budget_major([k for k in keys if any((r["method"], r.get("target_r")) == k
                                                            and r["metric"] == m for r in rows)]) for m in metrics}
     n_tasks = {m: len({r["task"] for r in rows if r["metric"] == m}) for m in metrics}
-    width = sum(1.4 + 0.32 * len(panel_keys[m]) * n for m, n in n_tasks.items()) + 2.5
+    # the panels, then room for the legend's longest label and for the title: with one task and --by labels a
+    # fixed margin left the axes no width at all
+    panels = sum(1.4 + 0.32 * len(panel_keys[m]) * n for m, n in n_tasks.items())
+    ncols = math.ceil(len(keys) / max(1, int((4.2 - 0.8) / _LEGEND_ROW_IN)))  # as _outside_legend lays it out
+    legend = 0.3 + ncols * (0.6 + _LABEL_CHAR_IN * max((len(_key_label(*k)) for k in keys), default=0))
+    width = max(panels + max(legend, 2.5), _TITLE_CHAR_IN * len(title or "") + 0.5)
     fig = _new_figure(width, 4.2)
     if not rows:
         ax = fig.subplots()

@@ -1228,7 +1228,8 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     sections += _grid_markdown(grid, scales) + _allocation_markdown(alloc)
     if not pooling:
         sections += _pooling_markdown(pooling)
-    markdown, table = _markdown(rows, bad, runs, str(root), which, scales, sections, figures)
+    title = str(root) + (f" (runs with {', '.join(f'{k}={v}' for k, v in where.items())})" if where else "")
+    markdown, table = _markdown(rows, bad, runs, title, which, scales, sections, figures)
     md_path, csv_path = out / "summary.md", out / "summary.csv"
     md_path.write_text(markdown)
     _write_csv(_csv_rows(final, best, paired_final + paired_best, plateau, grid), csv_path)
