@@ -259,10 +259,13 @@ def _unit(metric: str, scale: float, hib: bool) -> str:
 
 
 _LEGEND_ROW_IN = 0.19  # inches per legend entry at fontsize 8
-
-
 _LABEL_CHAR_IN = 0.06  # mean width of a character of an 8-point legend label, in inches
 _TITLE_CHAR_IN = 0.075  # the same for the 10-point title
+
+
+def _legend_columns(n_entries: int, fig_height_in: float) -> int:
+    """How many columns keep a legend of ``n_entries`` inside a figure of that height."""
+    return math.ceil(n_entries / max(1, int((fig_height_in - 0.8) / _LEGEND_ROW_IN)))
 
 
 def _outside_legend(fig: Figure, axes, title: str | None = None) -> None:
@@ -275,9 +278,8 @@ def _outside_legend(fig: Figure, axes, title: str | None = None) -> None:
                 handles.append(h)
                 labels.append(lab)
     if handles:
-        per_column = max(1, int((fig.get_figheight() - 0.8) / _LEGEND_ROW_IN))
         fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False, title=title,
-                   title_fontsize=8, ncols=math.ceil(len(handles) / per_column))
+                   title_fontsize=8, ncols=_legend_columns(len(handles), fig.get_figheight()))
 
 
 def _log_if_wide(ax, values, ratio: float = 10.0) -> None:
@@ -600,10 +602,11 @@ def comparison_figure(rows: list[dict], title: str | None = None, references: di
     # the panels, then room for the legend's longest label and for the title: with one task and --by labels a
     # fixed margin left the axes no width at all
     panels = sum(1.4 + 0.32 * len(panel_keys[m]) * n for m, n in n_tasks.items())
-    ncols = math.ceil(len(keys) / max(1, int((4.2 - 0.8) / _LEGEND_ROW_IN)))  # as _outside_legend lays it out
-    legend = 0.3 + ncols * (0.6 + _LABEL_CHAR_IN * max((len(_key_label(*k)) for k in keys), default=0))
+    height = 4.2
+    legend = 0.3 + _legend_columns(len(keys), height) * (0.6 + _LABEL_CHAR_IN * max(
+        (len(_key_label(*k)) for k in keys), default=0))
     width = max(panels + max(legend, 2.5), _TITLE_CHAR_IN * len(title or "") + 0.5)
-    fig = _new_figure(width, 4.2)
+    fig = _new_figure(width, height)
     if not rows:
         ax = fig.subplots()
         _say_empty(ax, "no completed runs")

@@ -1018,6 +1018,10 @@ def _same_value(value, text: str) -> bool:
     return str(value) == text
 
 
+def _where_text(where: dict[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in where.items())
+
+
 def parse_where(items: list[str]) -> dict[str, str]:
     """``["epochs=30", "task.name=mrpc"]`` -> ``{"epochs": "30", "task.name": "mrpc"}``; raises SummarizeError naming
     an item without ``=``."""
@@ -1169,7 +1173,7 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     if not root.is_dir():
         raise SummarizeError(f"{root} does not exist or is not a folder")
     if where and (out_dir is None or Path(out_dir).resolve() == root.resolve()):
-        raise SummarizeError(f"--where {' '.join(f'{k}={v}' for k, v in where.items())} writes a summary of part of "
+        raise SummarizeError(f"--where {_where_text(where)} writes a summary of part of "
                              f"{root}: give --out DIR, so that it does not overwrite {root}/summary.md")
     runs = collect_runs(root)
     if not runs:
@@ -1228,7 +1232,7 @@ def summarize(multirun_dir, out_dir=None, which: str = "final", plots_: bool = T
     sections += _grid_markdown(grid, scales) + _allocation_markdown(alloc)
     if not pooling:
         sections += _pooling_markdown(pooling)
-    title = str(root) + (f" (runs with {', '.join(f'{k}={v}' for k, v in where.items())})" if where else "")
+    title = str(root) + (f" (runs with {_where_text(where)})" if where else "")
     markdown, table = _markdown(rows, bad, runs, title, which, scales, sections, figures)
     md_path, csv_path = out / "summary.md", out / "summary.csv"
     md_path.write_text(markdown)
