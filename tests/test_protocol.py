@@ -191,12 +191,14 @@ def test_a_task_with_its_own_grid_file_takes_it_by_default(tmp_path):
 
 @pytest.mark.parametrize("task", ["sst2", "rte"])
 def test_the_shipped_reduced_grids_give_both_methods_three_learning_rates_and_both_gammas(task):
-    """SST-2 and RTE (the long tasks) have their own grid files: LoRA and AdaLoRA only, the same effort each."""
+    """SST-2 and RTE (the long tasks) have their own grid files: LoRA and AdaLoRA only, the same effort each, and at
+    least the issue's 3 seeds at the chosen point (RTE has a 4th)."""
     root = Path(__file__).resolve().parents[1]
     path = protocol.default_grid_file("glue_converged", task, root)
     spec = read_grid_file(path)
     assert path.name == f"glue_converged_{task}.yaml"
-    assert spec["methods"].keys() == {"adalora", "lora"} and spec["seeds"] == [0, 1, 2]
+    assert spec["methods"].keys() == {"adalora", "lora"}
+    assert spec["seeds"][:3] == [0, 1, 2], "the chosen point runs at least 3 seeds, starting at the tuning seed 0"
     assert all(len(g["optim.lr"]) == 3 for g in spec["methods"].values())
     assert spec["methods"]["adalora"]["method.orth_reg_weight"] == [0.1, 0.3] and spec["widen"] == ["optim.lr"]
     assert protocol.default_grid_file("glue_converged", "mrpc", root).name == "glue_converged.yaml"
