@@ -192,7 +192,7 @@ def test_a_task_with_its_own_grid_file_takes_it_by_default(tmp_path):
 @pytest.mark.parametrize("task", ["sst2", "rte"])
 def test_the_shipped_reduced_grids_give_both_methods_three_learning_rates_and_both_gammas(task):
     """SST-2 and RTE (the long tasks) have their own grid files: LoRA and AdaLoRA only, the same effort each, and at
-    least the issue's 3 seeds at the chosen point (RTE has 5)."""
+    least the issue's 3 seeds at the chosen point (both now run 5)."""
     root = Path(__file__).resolve().parents[1]
     path = protocol.default_grid_file("glue_converged", task, root)
     spec = read_grid_file(path)
